@@ -1,0 +1,5 @@
+"""Detectors and their registry. Importing this package registers every built-in detector."""
+from .base import Detector, DetectorParams, Prediction, create_detector, get_detector_class, list_detectors, register_detector
+from . import patchcore  # noqa: F401  (registers)
+
+__all__ = ["Detector", "DetectorParams", "Prediction", "create_detector", "get_detector_class", "list_detectors", "register_detector"]

@@ -1,0 +1,189 @@
+"""The ``pyimgano`` command line: parse, call the engine, print. No numerics here."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .progress import RichProgress
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="pyimgano: learn 'normal' from good images, score new images and map their defects.")
+err = Console(stderr=True)
+out = Console()
+
+SetOpt = typer.Option([], "--set", help="Override a config field: key.path=value (repeatable).")
+OutOpt = typer.Option(None, "--out", help="Output root (default: output.root of the config, 'reports').")
+JsonOpt = typer.Option(False, "--json", help="Print the summary JSON alone on stdout.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or tables.")
+
+
+def _guard(fn: Callable[[], object]) -> object:
+    """Run a command body; user errors become one line on stderr and a non-zero exit."""
+    from pyimgano_core.errors import PyimganoError
+
+    try:
+        return fn()
+    except PyimganoError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    except MemoryError:
+        err.print("[bold red]error:[/] out of memory (try metrics.resolution, a smaller image_size or coreset_ratio)")
+        raise typer.Exit(1) from None
+
+
+def _load(config: Path, overrides: list[str], out_root: Optional[Path] = None):
+    from pyimgano_core.config import load_config
+
+    cfg = load_config(config, overrides)
+    if out_root is not None:
+        cfg.output.root = out_root
+    return cfg
+
+
+def _progress(quiet: bool, as_json: bool):
+    return None if quiet or as_json else RichProgress(err)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _print_metrics(summary: dict, as_json: bool, quiet: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+        return
+    if quiet:
+        return
+    from pyimgano_core.runs import METRIC_KEYS
+
+    table = Table(title=f"{summary['name']} ({summary['detector']})")
+    table.add_column("category / defect")
+    for k in METRIC_KEYS:
+        table.add_column(k, justify="right")
+    table.add_column("fit s", justify="right")
+    table.add_column("s/img", justify="right")
+    for cat, r in summary["categories"].items():
+        t = r["timing"]
+        table.add_row(f"[bold]{cat}[/]", *(_fmt(r["metrics"].get(k)) for k in METRIC_KEYS),
+                      f"{t.get('fit_s', 0):.1f}", f"{t['predict_s_per_image']:.3f}")
+        for d, m in r["per_defect"].items():
+            table.add_row(f"  {d} ({m['n']})", *(_fmt(m.get(k)) for k in METRIC_KEYS), "", "")
+    if len(summary["categories"]) > 1:
+        table.add_row("[bold]mean[/]", *(_fmt(summary["mean"][k]) for k in METRIC_KEYS), "", "")
+    out.print(table)
+    for cat, r in summary["categories"].items():
+        dec = r.get("decisions")
+        if dec:
+            i, p = dec["image"], dec.get("pixel")
+            out.print(f"[{cat}] at calibrated thresholds: image F1 {i['f1']:.3f} (P {i['precision']:.3f}, R {i['recall']:.3f}, "
+                      f"FPR on test/good {_fmt(i['test_good_fpr'])})" + (f", pixel F1 {p['f1']:.3f}, IoU {p['iou']:.3f}" if p else "")
+                      + f"; oracle F1-max: {dec['oracle_f1_max_NOT_a_deployable_threshold']}")
+        out.print(f"report: {r['report']}")
+
+
+@app.command()
+def validate(config: Path, set_: list[str] = SetOpt) -> None:
+    """Check a config file (schema, detector parameters) without running anything."""
+    cfg = _guard(lambda: _load(config, set_))
+    out.print(f"ok: {config} ({cfg.detector.name} on {cfg.dataset.type})")
+
+
+@app.command()
+def fit(config: Path, set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt,
+        as_json: bool = JsonOpt, quiet: bool = QuietOpt) -> None:
+    """Fit the detector on each category's normal images and save the model folders."""
+    from pyimgano_core.runs import fit_run
+
+    summary = _guard(lambda: fit_run(_load(config, set_, out_root), progress=_progress(quiet, as_json)))
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+    elif not quiet:
+        for cat, r in summary["categories"].items():
+            out.print(f"[{cat}] model saved to {r['model']} (fit {r['timing']['fit_s']:.1f} s)")
+
+
+@app.command("eval")
+def eval_(config: Path, model: Optional[Path] = typer.Option(None, "--model", help="Saved model (or run) folder; fit if absent."),
+          set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt) -> None:
+    """Fit (or load) and evaluate: image and pixel metrics, per defect type, in report.json."""
+    from pyimgano_core.runs import eval_run
+
+    summary = _guard(lambda: eval_run(_load(config, set_, out_root), model_arg=model, progress=_progress(quiet, as_json)))
+    _print_metrics(summary, as_json, quiet)
+
+
+@app.command("export-maps")
+def export_maps(config: Path, model: Optional[Path] = typer.Option(None, "--model", help="Saved model (or run) folder; fit if absent."),
+                input_dir: Optional[Path] = typer.Option(None, "--input", help="Folder of images to score (default: the test split)."),
+                set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt) -> None:
+    """Write heatmap overlays, raw maps, defect masks and predictions.jsonl."""
+    from pyimgano_core.runs import export_run
+
+    summary = _guard(lambda: export_run(_load(config, set_, out_root), model_arg=model, input_dir=input_dir,
+                                        progress=_progress(quiet, as_json)))
+    failed = sum(r.get("n_failed", 0) for r in summary["categories"].values())
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+    elif not quiet:
+        for cat, r in summary["categories"].items():
+            out.print(f"[{cat}] {r['n_scored']}/{r['n_images']} images scored ({_fmt(r['images_per_s'])} img/s)"
+                      + (f", {r['n_anomalous']} anomalous" if r.get("n_anomalous") is not None else ""))
+            for f in r["failures"]:
+                err.print(f"[yellow]skipped[/] {f['path']}: {f['error']}", highlight=False)
+    if failed:
+        err.print(f"[bold red]error:[/] {failed} image(s) could not be read; all others were exported")
+        raise typer.Exit(3)
+
+
+@app.command()
+def detectors(as_json: bool = JsonOpt) -> None:
+    """List the registered detectors with their parameters and defaults."""
+    from pyimgano_core.detectors import get_detector_class, list_detectors
+
+    info = {}
+    for name in list_detectors():
+        cls = get_detector_class(name)
+        info[name] = {k: {"default": f.default if f.default is not None else None, "description": f.description}
+                      for k, f in cls.Params.model_fields.items() if k != "seed"}
+    if as_json:
+        sys.stdout.write(json.dumps(info, default=str) + "\n")
+        return
+    for name, params in info.items():
+        out.print(f"[bold]{name}[/]  {(get_detector_class(name).__doc__ or '').strip().splitlines()[0]}")
+        for k, v in params.items():
+            out.print(f"    {k} = {v['default']!r}" + (f"  [dim]# {v['description']}[/]" if v["description"] else ""), highlight=False)
+
+
+@app.command()
+def data(config: Path, set_: list[str] = SetOpt, as_json: bool = JsonOpt) -> None:
+    """Show what a config's dataset resolves to: counts, sizes, masks, problems."""
+    from pyimgano_core.data import describe, load_splits
+
+    def body():
+        cfg = _load(config, set_)
+        return {s.name: describe(s) for s in load_splits(cfg.dataset)}
+
+    info = _guard(body)
+    if as_json:
+        sys.stdout.write(json.dumps(info, default=str) + "\n")
+        return
+    for name, d in info.items():
+        out.print(f"[bold]{name}[/]")
+        out.print_json(json.dumps(d, default=str))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Experiment configuration: strict pydantic models, YAML loading and ``--set`` overrides.
+
+Every model forbids unknown keys, so a typo fails with its field path and the allowed names.
+Detector parameters are validated by the detector's own parameter model. Relative paths are
+resolved against the current working directory (run commands from the project root).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .data import DatasetConfig
+from .detectors import get_detector_class
+from .errors import ConfigError
+from .postprocess import PostprocessConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DetectorConfig(Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class MetricsConfig(Strict):
+    pixel: bool = Field(True, description="compute pixel AUROC/AP and AUPRO when masks exist")
+    aupro_fpr_limit: float = Field(0.3, gt=0, le=1)
+    resolution: Literal["original"] | int = Field(
+        "original", description="'original': each mask at its own size; N: longest side downscaled to N (faster, coarser)"
+    )
+    per_defect: bool = True
+
+
+class CalibrationConfig(Strict):
+    """Thresholds from held-out normal images (never from the memory bank's own images)."""
+
+    holdout_fraction: float = Field(0.1, gt=0, lt=1, description="share of normal training images kept out of fitting")
+    image_quantile: float = Field(0.99, gt=0, le=1, description="image threshold = this quantile of held-out scores")
+    pixel_quantile: float = Field(0.999, gt=0, le=1, description="pixel threshold = this quantile of held-out map values")
+
+
+class OutputConfig(Strict):
+    root: Path = Path("reports")
+    save_maps: bool = Field(False, description="eval also writes PNG heatmaps/overlays for the test images")
+
+
+class ExperimentConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    dataset: DatasetConfig
+    detector: DetectorConfig
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    calibration: CalibrationConfig | None = None
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def detector_params(self) -> dict[str, Any]:
+        """Validated detector parameters with defaults filled in, plus the experiment seed."""
+        return dict(self.detector.params, seed=self.seed)
+
+
+# ------------------------------------------------------------------------------ loading
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects key.path=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    # Scalars stay strings so pydantic coerces them to the field's type ("01" stays "01"
+    # for a str field, "0.1" becomes 0.1 for a float); lists, dicts and null come from YAML.
+    if value is not None and not isinstance(value, (list, dict)):
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    from typing import get_args
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in get_args(annotation) for m in _models_in(a)]
+
+
+def _allowed(model: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """Field names allowed at the parent of ``loc`` (for 'unknown key' messages)."""
+    candidates = [model] if model else []
+    for part in loc[:-1]:
+        if isinstance(part, str) and part in _TAGS:  # discriminated union: pick the tagged member
+            candidates = [m for m in candidates if part in getattr(m.model_fields.get("type"), "annotation", ()).__args__]
+            continue
+        nxt = []
+        for m in candidates:
+            field = m.model_fields.get(str(part))
+            if field is not None:
+                nxt.extend(_models_in(field.annotation))
+        candidates = nxt
+    return sorted(candidates[0].model_fields) if len(candidates) == 1 else []
+
+
+def format_validation_error(exc: ValidationError, prefix: tuple = (), model: type[BaseModel] | None = None) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = prefix + tuple(err["loc"])
+        # drop discriminator tags ('dataset', 'mvtec_ad', 'root') -> dataset.root
+        path = ".".join(str(p) for p in loc if not (isinstance(p, str) and (p in _TAGS or _TYPE_LOC.match(p))))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            names = _allowed(model, tuple(err["loc"]))
+            msg = "unknown key" + (f"; allowed: {', '.join(names)}" if names else "")
+        elif err["type"] in ("literal_error", "union_tag_invalid"):
+            msg = msg.replace("Input should be", "must be")
+        line = f"{path or '<root>'}: {msg}"
+        if line not in lines:
+            lines.append(line)
+    return "; ".join(lines)
+
+
+def _union_tags() -> set[str]:
+    from typing import get_args
+
+    union = get_args(DatasetConfig)[0]
+    return {t for m in get_args(union) for t in get_args(m.model_fields["type"].annotation)}
+
+
+_TAGS = _union_tags()
+_TYPE_LOC = re.compile(r"^(int|float|str|bool|none|list|dict|tuple|literal|function-\w+)(\[.*\])?$")
+
+
+def validate_config(data: Any, source: str = "config") -> ExperimentConfig:
+    """Validate a config dict (after overrides), including the detector's own parameters."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level")
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_validation_error(exc, model=ExperimentConfig)}") from None
+    cls = get_detector_class(cfg.detector.name)
+    if "seed" in cfg.detector.params:
+        raise ConfigError(f"{source}: detector.params.seed: set the top-level 'seed' instead")
+    try:
+        params = cls.Params.model_validate(cfg.detector_params())
+    except ValidationError as exc:
+        msg = format_validation_error(exc, ("detector", "params"))
+        for err in exc.errors():
+            if err["type"] == "extra_forbidden":
+                msg = msg.replace("unknown key", f"unknown key; allowed: {', '.join(sorted(set(cls.Params.model_fields) - {'seed'}))}", 1)
+        raise ConfigError(f"{source}: {msg}") from None
+    cfg.detector.params = {k: v for k, v in params.model_dump(mode="json").items() if k != "seed"}
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file, apply ``key.path=value`` overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if isinstance(data, dict):
+        data = apply_overrides(data, list(overrides or []))
+    return validate_config(data, str(path))

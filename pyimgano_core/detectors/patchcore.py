@@ -1,0 +1,84 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
+
+Paper: https://arxiv.org/abs/2106.08265 . Memory bank of locally aware patch features from
+two mid-level layers, subsampled by greedy k-center coreset; a test patch scores its distance
+to the nearest memory entry; the image score is the maximum patch score; the map is the patch
+grid upsampled bilinearly and blurred with a Gaussian of sigma 4.
+
+Example
+-------
+>>> det = PatchCore(backbone="mobilenet_v2", layers=["features.6", "features.13"],
+...                 weights="../shared/weights/mobilenet_v2-b0353104.pth").fit(train_paths)
+>>> pred = det.predict(test_paths)   # pred.scores [N], pred.maps [N, 256, 256]
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ..features.backbones import FeatureExtractor
+from ..features.patch_embed import LocalPatchEmbedder
+from .base import register_detector
+from .patchknn import PatchKNNDetector, PatchKNNParams, greedy_coreset
+
+
+class CNNPatchParams(PatchKNNParams):
+    """Backbone and locally aware patch features (shared by PatchCore and SoftPatch)."""
+
+    backbone: str = Field("wide_resnet50_2", description="torchvision model name")
+    layers: list[str] = Field(["layer2", "layer3"], min_length=1, description="tapped layers, shallowest first")
+    weights: str | None = Field("DEFAULT", description="torchvision weights name, local checkpoint path, or null (random)")
+    patch_size: int = Field(3, ge=1, description="local neighbourhood aggregated around each position")
+    pretrain_embed_dim: int = Field(1024, ge=1, description="per-layer dimension after adaptive average pooling")
+    target_embed_dim: int = Field(1024, ge=1, description="final patch feature dimension")
+    coreset_ratio: float = Field(0.1, gt=0, le=1, description="share of training patches kept in memory (1 = all)")
+    coreset_projection_dim: int = Field(128, ge=1, description="random projection used by the coreset search")
+
+
+class PatchCoreParams(CNNPatchParams):
+    image_size: int | tuple[int, int] = 256
+    crop: int | tuple[int, int] | None = 224
+    reweight_neighbors: int | None = Field(
+        None, ge=1, description="paper eq. 7 image-score reweighting with b neighbours (None: plain max, as the reference code)"
+    )
+
+
+def make_cnn_embedder(p: CNNPatchParams) -> LocalPatchEmbedder:
+    extractor = FeatureExtractor(p.backbone, p.layers, p.weights)
+    return LocalPatchEmbedder(extractor, p.patch_size, p.pretrain_embed_dim, p.target_embed_dim).to(p.device)
+
+
+@register_detector
+class PatchCore(PatchKNNDetector):
+    name = "patchcore"
+    Params = PatchCoreParams
+
+    def _make_embedder(self):
+        return make_cnn_embedder(self.params_)
+
+    def _build_memory(self, features: np.ndarray, grid_hw) -> None:
+        p = self.params_
+        if p.coreset_ratio < 1:
+            keep = greedy_coreset(features, int(len(features) * p.coreset_ratio), p.coreset_projection_dim, p.seed)
+            features = features[np.sort(keep)]
+        self.memory_ = np.ascontiguousarray(features, dtype=np.float32)
+
+    def _image_scores(self, patch: np.ndarray, dists, idx, feats) -> np.ndarray:
+        b = self.params_.reweight_neighbors
+        if b is None:
+            return super()._image_scores(patch, dists, idx, feats)
+        # Paper eq. 7: s = (1 - exp(s*) / sum_{m in N_b(m*)} exp(|m_test* - m|)) * s*, where m* is
+        # the nearest memory entry of the most anomalous test patch and N_b(m*) its b nearest
+        # memory entries (m* included, as anomalib does). Softmax keeps the exponentials stable.
+        B = len(patch)
+        flat = patch.reshape(B, -1)
+        top = flat.argmax(1)
+        D = feats.shape[-1]
+        test_feats = feats.reshape(B, -1, D)[np.arange(B), top]  # (B, D)
+        m_star = self.memory_[idx.reshape(B, -1, idx.shape[-1])[np.arange(B), top, 0]]
+        _, support = self._knn().search(m_star, k=min(b, len(self.memory_)))
+        mem = torch.from_numpy(self.memory_[support])  # (B, b, D)
+        d = torch.linalg.vector_norm(mem - torch.from_numpy(test_feats)[:, None], dim=-1)
+        w = 1 - torch.softmax(d, dim=1)[:, 0]
+        return (w.numpy() * flat.max(1)).astype(np.float32)

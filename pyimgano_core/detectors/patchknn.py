@@ -1,0 +1,282 @@
+"""The patch-kNN core shared by PatchCore, SoftPatch, AnomalyDINO and OpenCLIP patch kNN.
+
+Pure helpers (aggregation, grid reshape, map upsampling, greedy coreset, kNN search) and the
+:class:`PatchKNNDetector` base class that runs them: embed -> memory bank -> nearest-neighbour
+patch distances -> image score + anomaly map. Detectors differ only in their embedder, in how
+they build the memory bank and in how they turn neighbour distances into patch scores.
+"""
+from __future__ import annotations
+
+import time
+from typing import Literal, Protocol
+
+import cv2
+import numpy as np
+import torch
+from pydantic import Field
+
+from ..features.geometry import Geometry
+from ..features.loading import iter_batches
+from ..optional import require
+from .base import Detector, DetectorParams, Prediction
+
+Aggregation = Literal["max", "mean", "topk_mean"]
+
+
+class PatchEmbedder(Protocol):
+    """Maps a batch of images (float [B, 3, h, w] in [0, 1], RGB) to patch features [B, h', w', D]."""
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+
+# ---------------------------------------------------------------------------- pure helpers
+def aggregate(patch_scores: np.ndarray, how: Aggregation = "max", topk_ratio: float = 0.01) -> np.ndarray:
+    """Image scores [B] from patch scores [B, ...]: max, mean, or mean of the top ``topk_ratio``.
+
+    ``topk_mean`` uses ``max(1, round(topk_ratio * n_patches))`` patches (AnomalyDINO: top 1%).
+    """
+    flat = np.asarray(patch_scores, dtype=np.float32).reshape(len(patch_scores), -1)
+    if how == "max":
+        return flat.max(axis=1)
+    if how == "mean":
+        return flat.mean(axis=1)
+    if how == "topk_mean":
+        k = max(1, int(round(topk_ratio * flat.shape[1])))
+        return -np.sort(-flat, axis=1)[:, :k].mean(axis=1)
+    raise ValueError(f"aggregation must be one of max, mean, topk_mean; got {how!r}")
+
+
+def to_grid(flat: np.ndarray, batch: int, grid_hw: tuple[int, int]) -> np.ndarray:
+    """Reshape per-patch values [B*h*w] (row-major per image) to [B, h, w], checking the size."""
+    flat = np.asarray(flat)
+    h, w = grid_hw
+    if flat.ndim != 1 or flat.size != batch * h * w:
+        raise ValueError(f"expected {batch}*{h}*{w}={batch * h * w} patch values, got array of shape {flat.shape}")
+    return flat.reshape(batch, h, w)
+
+
+def upsample(grids: np.ndarray, size: tuple[int, int], sigma: float = 4.0) -> np.ndarray:
+    """Bilinear upsampling of patch grids [B, h, w] to ``size`` (H, W), then Gaussian blur.
+
+    Bilinear with half-pixel centres (= ``F.interpolate(..., align_corners=False)``), and the
+    blur like ``scipy.ndimage.gaussian_filter(sigma, truncate=4, mode="reflect")`` as in the
+    PatchCore reference code, applied at model-input resolution (DESIGN: blurring at the
+    original 900 px would be ~3x weaker).
+    """
+    H, W = size
+    out = np.empty((len(grids), H, W), dtype=np.float32)
+    radius = int(4.0 * sigma + 0.5)
+    for i, g in enumerate(np.asarray(grids, dtype=np.float32)):
+        m = cv2.resize(g, (W, H), interpolation=cv2.INTER_LINEAR)
+        if sigma > 0:
+            m = cv2.GaussianBlur(m, (2 * radius + 1, 2 * radius + 1), sigma, borderType=cv2.BORDER_REFLECT)
+        out[i] = m
+    return out
+
+
+def greedy_coreset(features: np.ndarray, n: int, proj_dim: int = 128, seed: int = 0) -> np.ndarray:
+    """Indices of ``n`` patches picked by greedy k-center (PatchCore, Roth et al. 2022, Alg. 1).
+
+    Distances are computed on a Gaussian random projection to ``proj_dim`` dims (Johnson-
+    Lindenstrauss, as in the paper; the reference code uses a random linear layer). The first
+    center is drawn with ``seed``; every next pick is the patch farthest from all picks so far.
+    Cost: one matrix-vector product per pick (torch.mv measured ~2x faster than numpy here).
+    """
+    N, D = features.shape
+    n = int(min(max(n, 1), N))
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    if proj_dim and proj_dim < D:
+        proj = torch.from_numpy((rng.standard_normal((D, proj_dim)) / np.sqrt(proj_dim)).astype(np.float32))
+        x = x @ proj
+    sq = (x * x).sum(1)
+    min_d = torch.full((N,), float("inf"))
+    picks = np.empty(n, dtype=np.int64)
+    idx = int(rng.integers(N))
+    buf = torch.empty(N)
+    for i in range(n):
+        picks[i] = idx
+        # squared distance to the new center: |x|^2 - 2 x.c + |c|^2 (monotone in distance)
+        torch.mv(x, x[idx], out=buf)
+        buf.mul_(-2).add_(sq).add_(sq[idx])
+        torch.minimum(min_d, buf, out=min_d)
+        idx = int(torch.argmax(min_d))
+    return picks
+
+
+class KNNIndex:
+    """Exact k-nearest-neighbour search over a memory bank (torch; faiss ``IndexFlat*`` if asked).
+
+    ``metric="l2"`` returns Euclidean distances; ``"cosine"`` returns 1 - cosine similarity
+    (rows are L2-normalised by the index).
+    """
+
+    def __init__(self, metric: Literal["l2", "cosine"] = "l2", backend: Literal["torch", "faiss"] = "torch", device: str = "cpu"):
+        self.metric, self.backend, self.device = metric, backend, device
+
+    def fit(self, bank: np.ndarray) -> "KNNIndex":
+        bank = np.ascontiguousarray(bank, dtype=np.float32)
+        if self.metric == "cosine":
+            bank = bank / np.maximum(np.linalg.norm(bank, axis=1, keepdims=True), 1e-12)
+        if self.backend == "faiss":
+            faiss = require("faiss", extra="faiss")
+            self._faiss = (faiss.IndexFlatL2 if self.metric == "l2" else faiss.IndexFlatIP)(bank.shape[1])
+            self._faiss.add(bank)
+        else:
+            self._bank = torch.from_numpy(bank).to(self.device)
+            self._bank_sq = (self._bank * self._bank).sum(1)
+        return self
+
+    def search(self, queries: np.ndarray | torch.Tensor, k: int = 1, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        q = torch.as_tensor(queries, dtype=torch.float32)
+        if self.metric == "cosine":
+            q = torch.nn.functional.normalize(q, dim=1)
+        if self.backend == "faiss":
+            sims, idx = self._faiss.search(np.ascontiguousarray(q.numpy()), k)
+            d = np.sqrt(np.maximum(sims, 0)) if self.metric == "l2" else 1.0 - sims
+            return d.astype(np.float32), idx.astype(np.int64)
+        dists, inds = [], []
+        for s in range(0, len(q), chunk):
+            qc = q[s : s + chunk].to(self.device)
+            sim = qc @ self._bank.T  # (chunk, M)
+            if self.metric == "l2":
+                # |q - m|^2 = |q|^2 - 2 q.m + |m|^2; clamp rounding negatives before the sqrt
+                score = sim.mul_(-2).add_(self._bank_sq).add_((qc * qc).sum(1, keepdim=True))
+                v, i = torch.topk(score, k, dim=1, largest=False)
+                v = v.clamp_(min=0).sqrt_()
+            else:
+                v, i = torch.topk(sim, k, dim=1, largest=True)
+                v = 1.0 - v
+            dists.append(v.cpu())
+            inds.append(i.cpu())
+        return torch.cat(dists).numpy(), torch.cat(inds).numpy()
+
+
+# ---------------------------------------------------------------------------- base detector
+class PatchKNNParams(DetectorParams):
+    """Parameters shared by every patch-kNN detector (geometry, scoring, maps, search)."""
+
+    image_size: int | tuple[int, int] = Field(256, description="resize target (squash: exact h,w; shorter_side: short edge)")
+    crop: int | tuple[int, int] | None = Field(None, description="centre crop after resize (None = whole image)")
+    resize_mode: Literal["squash", "shorter_side"] = "squash"
+    aggregation: Aggregation = Field("max", description="image score from patch scores")
+    topk_ratio: float = Field(0.01, gt=0, le=1, description="share of patches averaged by topk_mean")
+    blur_sigma: float = Field(4.0, ge=0, description="Gaussian sigma (model-input pixels) applied to maps")
+    knn_backend: Literal["torch", "faiss"] = "torch"
+    batch_size: int = Field(8, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+    seed: int = 0
+
+
+class PatchKNNDetector(Detector):
+    """Embed -> memory bank -> nearest-neighbour patch scores -> (image score, map).
+
+    Subclasses implement ``_make_embedder``, ``_build_memory`` (sets ``memory_``) and may
+    override ``_score_patches`` (distances -> patch scores) and ``_image_scores``.
+    """
+
+    metric: Literal["l2", "cosine"] = "l2"
+
+    def __init__(self, embedder: PatchEmbedder | None = None, **params):
+        super().__init__(**params)
+        self.embedder = embedder  # injectable (tests, custom models); built from params if None
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _make_embedder(self) -> PatchEmbedder:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _build_memory(self, features: np.ndarray, grid_hw: tuple[int, int]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _score_patches(self, dists: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        return dists[:, 0]
+
+    # -- shared machinery ----------------------------------------------------------------
+    @property
+    def geometry(self) -> Geometry:
+        p = self.params_
+        return Geometry(size=p.image_size, crop=p.crop, mode=p.resize_mode, multiple=getattr(p, "patch_multiple", None))
+
+    def _embedder(self) -> PatchEmbedder:
+        if self.embedder is None:
+            self.embedder = self._make_embedder()
+        return self.embedder
+
+    def _embed(self, images: list, timing: dict):
+        """Yield (features [B, h', w', D] float32 numpy, batch); adds load/embed seconds to ``timing``."""
+        emb = self._embedder()
+        p = self.params_
+        batches = iter_batches(images, self.geometry, p.batch_size)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            t1 = time.perf_counter()
+            timing["load_s"] = timing.get("load_s", 0.0) + t1 - t0
+            if batch is None:
+                return
+            with torch.inference_mode():
+                feats = emb(batch.pixels.to(p.device)).float().cpu().numpy()
+            if feats.ndim != 4 or len(feats) != len(batch.pixels):
+                raise ValueError(f"embedder must return [B, h, w, D] features, got shape {feats.shape}")
+            timing["embed_s"] = timing.get("embed_s", 0.0) + time.perf_counter() - t1
+            yield feats, batch
+
+    def _fit(self, images: list) -> None:
+        chunks = [f for f, _ in self._embed(images, self.timing_)]
+        grid_hw = chunks[0].shape[1:3]
+        if any(c.shape[1:3] != grid_hw for c in chunks):
+            raise ValueError("training images give patch grids of different sizes; use a fixed image_size (squash)")
+        feats = np.concatenate(chunks).reshape(-1, chunks[0].shape[-1])  # (N*h*w, D)
+        del chunks
+        t0 = time.perf_counter()
+        self._build_memory(feats, grid_hw)
+        self.timing_["memory_s"] = time.perf_counter() - t0
+        self.n_train_patches_ = int(len(feats))
+        self._index = None
+
+    def _knn(self) -> KNNIndex:
+        if getattr(self, "_index", None) is None:
+            self._index = KNNIndex(self.metric, self.params_.knn_backend, self.params_.device).fit(self.memory_)
+        return self._index
+
+    def _predict(self, images: list) -> Prediction:
+        p = self.params_
+        scores, maps, boxes, hws = [], [], [], []
+        timing = dict(load_s=0.0, embed_s=0.0, search_s=0.0, maps_s=0.0)
+        for feats, batch in self._embed(images, timing):
+            B, h, w, D = feats.shape
+            t0 = time.perf_counter()
+            dists, idx = self._knn().search(feats.reshape(-1, D), k=self._k())
+            patch = to_grid(self._score_patches(dists, idx), B, (h, w))
+            t1 = time.perf_counter()
+            scores.append(self._image_scores(patch, dists, idx, feats))
+            maps.extend(upsample(patch, tuple(batch.pixels.shape[-2:]), p.blur_sigma))
+            boxes.append(batch.boxes)
+            hws.append(batch.orig_hw)
+            timing["search_s"] += t1 - t0
+            timing["maps_s"] += time.perf_counter() - t1
+        same = len({m.shape for m in maps}) == 1
+        return Prediction(
+            scores=np.concatenate(scores).astype(np.float32),
+            maps=np.stack(maps) if same else maps,
+            boxes=np.concatenate(boxes),
+            orig_hw=np.concatenate(hws),
+            timing=timing,
+        )
+
+    def _k(self) -> int:
+        return 1
+
+    def _image_scores(self, patch: np.ndarray, dists, idx, feats) -> np.ndarray:
+        return aggregate(patch, self.params_.aggregation, self.params_.topk_ratio)
+
+    # -- persistence ---------------------------------------------------------------------
+    def state(self):
+        self.check_fitted()
+        return {"memory_": self.memory_}, {"n_train_patches_": self.n_train_patches_}
+
+    def load_state(self, arrays, extras) -> None:
+        super().load_state(arrays, extras)
+        self.memory_ = arrays["memory_"]
+        self.n_train_patches_ = int(extras["n_train_patches_"])
+        self._index = None

@@ -1,0 +1,356 @@
+"""The one split-evaluation engine: every CLI command (fit, eval, export-maps) runs through it.
+
+    build_model:    split.train -> (holdout) -> detector.fit -> calibration -> Model
+    score_stream:   images -> detector.predict in chunks -> maps back to original geometry
+                    -> post-processing  (one pass per image; bounded memory)
+    evaluate_split: score_stream over split.test -> metrics overall and per defect -> report
+    export_images:  score_stream over any images -> PNG/NPY maps, masks, predictions.jsonl
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
+
+import cv2
+import numpy as np
+
+from . import metrics as M
+from .calibration import fit_thresholds, split_holdout
+from .config import ExperimentConfig
+from .data.io import read_image, read_mask
+from .data.types import Split
+from .detectors import create_detector
+from .errors import ConfigError, DataError
+from .features.geometry import map_to_original
+from .model import Model
+from .postprocess import AnomalyMapPostprocess
+
+CHUNK = 32  # images per predict call: bounds memory, gives progress ticks
+
+
+class Progress(Protocol):
+    def start(self, description: str, total: int | None = None) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def stop(self) -> None: ...
+
+
+class NullProgress:
+    def start(self, description: str, total: int | None = None) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Scored:
+    """One scored image: its map is at original resolution over ``region`` (the model's view)."""
+
+    index: int
+    score: float
+    amap: np.ndarray | None
+    region: tuple[slice, slice] | None
+    orig_hw: tuple[int, int]
+    error: str | None = None
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ---------------------------------------------------------------------------------- fitting
+def build_model(cfg: ExperimentConfig, split: Split, progress: Progress | None = None) -> tuple[Model, dict]:
+    """Fit the configured detector on ``split.train`` (minus the calibration holdout)."""
+    progress = progress or NullProgress()
+    if cfg.postprocess.needs_calibration and cfg.calibration is None:
+        raise ConfigError(f"postprocess.normalize={cfg.postprocess.normalize} needs a 'calibration' section (held-out normal images)")
+    fit_samples, holdout = split.train, []
+    if cfg.calibration is not None:
+        fit_samples, holdout = split_holdout(split.train, cfg.calibration.holdout_fraction, cfg.seed)
+    detector = create_detector(cfg.detector.name, **cfg.detector_params())
+    progress.start(f"[{split.name}] fitting {cfg.detector.name} on {len(fit_samples)} images", None)
+    t0 = time.perf_counter()
+    detector.fit([s.path for s in fit_samples])
+    timing = {"fit_s": time.perf_counter() - t0, "fit_detail": dict(getattr(detector, "timing_", {}))}
+    progress.stop()
+    model = Model(detector, AnomalyMapPostprocess(cfg.postprocess), meta={
+        "name": cfg.name, "category": split.name, "n_fit_images": len(fit_samples),
+        "holdout": [str(s.path) for s in holdout],
+    })
+    if holdout:
+        t0 = time.perf_counter()
+        raw = list(score_stream(model, [s.path for s in holdout], progress, f"[{split.name}] calibrating", raw=True))
+        _raise_first_error(raw, [s.path for s in holdout])
+        maps = [r.amap for r in raw if r.amap is not None]
+        if cfg.postprocess.needs_calibration:
+            model.postprocess.fit(maps)
+        maps = [model.postprocess.transform(m) for m in maps]
+        c = cfg.calibration
+        model.thresholds = fit_thresholds(np.array([r.score for r in raw]), maps or None, c.image_quantile, c.pixel_quantile)
+        timing["calibration_s"] = time.perf_counter() - t0
+    return model, timing
+
+
+# ---------------------------------------------------------------------------------- scoring
+def score_stream(model: Model, images: Sequence, progress: Progress | None = None, description: str = "scoring",
+                 raw: bool = False, timing: dict | None = None) -> Iterator[Scored]:
+    """Score images in chunks; yield each with its map at original resolution, post-processed.
+
+    An unreadable image does not stop the stream: its chunk is retried image by image and the
+    bad one is yielded with ``error`` set. ``raw=True`` skips post-processing (calibration).
+    """
+    progress = progress or NullProgress()
+    progress.start(description, len(images))
+    try:
+        for start in range(0, len(images), CHUNK):
+            chunk = list(images[start : start + CHUNK])
+            try:
+                preds = [(start, model.detector.predict(chunk))]
+            except DataError:
+                preds = []
+                for j, item in enumerate(chunk):
+                    try:
+                        preds.append((start + j, model.detector.predict([item])))
+                    except DataError as exc:
+                        yield Scored(start + j, float("nan"), None, None, (0, 0), error=str(exc))
+            for offset, pred in preds:
+                if timing is not None:
+                    for k, v in pred.timing.items():
+                        timing[k] = timing.get(k, 0.0) + v
+                for j in range(len(pred.scores)):
+                    hw = (int(pred.orig_hw[j][0]), int(pred.orig_hw[j][1]))
+                    amap = region = None
+                    if pred.maps is not None:
+                        amap, region = map_to_original(pred.maps[j], hw, pred.boxes[j])
+                        if not raw:
+                            amap = model.postprocess.transform(amap)
+                    yield Scored(offset + j, float(pred.scores[j]), amap, region, hw)
+            progress.advance(len(chunk))
+    finally:
+        progress.stop()
+
+
+def _raise_first_error(scored: list[Scored], paths: Sequence) -> None:
+    for s in scored:
+        if s.error:
+            raise DataError(s.error)
+
+
+def _downscale(mask: np.ndarray, amap: np.ndarray, longest: int) -> tuple[np.ndarray, np.ndarray]:
+    h, w = mask.shape
+    scale = longest / max(h, w)
+    if scale >= 1:
+        return mask, amap
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return (cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool),
+            cv2.resize(amap, size, interpolation=cv2.INTER_AREA))
+
+
+# ---------------------------------------------------------------------------------- metrics
+def _safe(fn, *args, **kw):
+    """A metric, or None when it is undefined for these labels (e.g. one class only)."""
+    try:
+        return float(fn(*args, **kw))
+    except ValueError:
+        return None
+
+
+def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks: list, maps: list, fpr_limit: float) -> dict:
+    out = {"image_auroc": _safe(M.image_auroc, labels, scores), "image_ap": _safe(M.image_ap, labels, scores)}
+    if masks:
+        try:
+            out.update(M.pixel_metrics(masks, maps, fpr_limit=fpr_limit))
+        except ValueError:
+            out.update(pixel_auroc=None, pixel_ap=None, aupro=None)
+    return out
+
+
+def _decision_metrics(model: Model, labels, scores, defects, masks, maps) -> dict:
+    """Image/pixel decisions at the calibrated thresholds, next to the oracle F1-max."""
+    thr = model.thresholds
+    pred = scores >= thr.image
+    out = {"thresholds": thr.to_dict(), "image": M.binary_stats(labels, pred)}
+    good = defects == "good"
+    out["image"]["test_good_fpr"] = float(pred[good].mean()) if good.any() else None
+    if masks and thr.pixel is not None:
+        binary = np.concatenate([model.postprocess.binarize(m, thr.pixel).ravel() for m in maps])
+        out["pixel"] = M.binary_stats(np.concatenate([g.ravel() for g in masks]), binary)
+    oracle = {"image_f1_max": _safe(lambda: M.f1_max(labels, scores)[0])}
+    if masks:
+        oracle["pixel_f1_max"] = _safe(lambda: M.f1_max(np.concatenate([g.ravel() for g in masks]),
+                                                        np.concatenate([m.ravel() for m in maps]))[0])
+    out["oracle_f1_max_NOT_a_deployable_threshold"] = oracle
+    return out
+
+
+# ---------------------------------------------------------------------------------- evaluation
+def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: Path, progress: Progress | None = None,
+                   fit_timing: dict | None = None) -> dict:
+    """Score ``split.test`` once, compute metrics overall and per defect type, write the report."""
+    from .reports import versions, write_json, write_jsonl
+
+    t_start = time.perf_counter()
+    samples = split.test
+    n = len(samples)
+    scores = np.full(n, np.nan, dtype=np.float64)
+    pix_masks, pix_maps, pix_owner, pix_region = [], [], [], []
+    covered, detail = [], {}
+    t0 = time.perf_counter()
+    for s in score_stream(model, [x.path for x in samples], progress, f"[{split.name}] scoring {n} test images", timing=detail):
+        if s.error:
+            raise DataError(s.error)
+        sample = samples[s.index]
+        scores[s.index] = s.score
+        if s.amap is None or not cfg.metrics.pixel or not sample.has_pixel_gt:
+            continue
+        covered.append(s.amap.size / (s.orig_hw[0] * s.orig_hw[1]))
+        if sample.mask_path is None:
+            gt = np.zeros(s.amap.shape, dtype=bool)
+        else:
+            full = read_mask(sample.mask_path, split.mask_threshold)
+            if full.shape != s.orig_hw:
+                raise DataError(f"mask {sample.mask_path} is {full.shape[1]}x{full.shape[0]} but image {sample.path} is {s.orig_hw[1]}x{s.orig_hw[0]}")
+            gt = full[s.region]
+        amap = s.amap
+        if cfg.metrics.resolution != "original":
+            gt, amap = _downscale(gt, amap, int(cfg.metrics.resolution))
+        pix_masks.append(gt)
+        pix_maps.append(amap)
+        pix_owner.append(s.index)
+        pix_region.append((s.region, s.orig_hw))
+    predict_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    labels = np.array([x.label for x in samples])
+    defects = np.array([x.defect_type for x in samples])
+    fpr_limit = cfg.metrics.aupro_fpr_limit
+    metrics = compute_metrics(labels, scores, pix_masks, pix_maps, fpr_limit)
+    per_defect = {}
+    if cfg.metrics.per_defect:
+        owner = np.array(pix_owner, dtype=np.int64)
+        for d in sorted(set(defects.tolist()) - {"good"}):
+            sel = (defects == "good") | (defects == d)
+            keep = sel[owner] if len(owner) else np.zeros(0, bool)
+            per_defect[d] = {"n": int((defects == d).sum()), **compute_metrics(
+                labels[sel], scores[sel], [m for m, k in zip(pix_masks, keep) if k], [m for m, k in zip(pix_maps, keep) if k], fpr_limit)}
+    decisions = _decision_metrics(model, labels, scores, defects, pix_masks, pix_maps) if model.thresholds else None
+    metrics_s = time.perf_counter() - t0
+
+    maps_written = None
+    if cfg.output.save_maps and pix_maps:
+        maps_written = _save_eval_maps(model, samples, pix_owner, pix_region, pix_maps, out_dir / "maps")
+    del pix_maps, pix_masks
+
+    timing = dict(fit_timing or {})
+    timing.update(predict_s=predict_s, predict_s_per_image=predict_s / max(n, 1), metrics_s=metrics_s,
+                  predict_detail=detail)
+    timing["total_s"] = timing.get("fit_s", 0.0) + timing.get("calibration_s", 0.0) + time.perf_counter() - t_start
+    timing["peak_rss_mb"] = peak_rss_mb()
+    geometry = getattr(model.detector, "geometry", None)
+    report = {
+        "name": cfg.name, "category": split.name, "status": "ok", "detector": cfg.detector.name,
+        "metrics": metrics, "per_defect": per_defect, "decisions": decisions,
+        "counts": {"train": len(split.train), "fit": model.meta.get("n_fit_images"), "calibration_holdout": len(model.meta.get("holdout", [])),
+                   "test": n, "test_good": int((labels == 0).sum()), "test_anomalous": int((labels == 1).sum()),
+                   "pixel_evaluated": len(pix_owner), "by_defect": {d: int((defects == d).sum()) for d in sorted(set(defects.tolist()))}},
+        "timing": timing,
+        "protocol": {
+            "model_input": geometry.describe() if geometry else None,
+            "map_resolution": "original mask resolution" if cfg.metrics.resolution == "original" else f"longest side {cfg.metrics.resolution}",
+            "evaluated_fraction_of_image": float(np.mean(covered)) if covered else None,
+            "border_rule": "pixels outside the model's (centre-cropped) view are not evaluated",
+            "aupro": f"8-connected regions, exact, FPR limit {fpr_limit}, normalised by the limit",
+            "mask_threshold": f"mask value > {split.mask_threshold}",
+            "thresholds_from": "held-out normal training images" if model.thresholds else None,
+        },
+        "notes": split.notes,
+        "config": cfg.model_dump(mode="json"),
+        "versions": versions(),
+        "maps": maps_written,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "predictions.jsonl", (
+        {"path": str(x.path), "label": x.label, "defect_type": x.defect_type, "score": float(scores[i]),
+         **({"is_anomalous": bool(scores[i] >= model.thresholds.image)} if model.thresholds else {})}
+        for i, x in enumerate(samples)))
+    write_json(out_dir / "report.json", report)
+    return report
+
+
+def _display_range(model: Model, maps: list[np.ndarray] | None = None) -> tuple[float, float] | None:
+    """Fixed colour range for overlays: calibrated -> threshold mid-scale; else the maps' range."""
+    thr = model.thresholds
+    if thr is not None and thr.pixel is not None and thr.pixel_median is not None:
+        return thr.pixel_median, 2 * thr.pixel - thr.pixel_median
+    if maps:
+        return float(min(m.min() for m in maps)), float(max(m.max() for m in maps))
+    return None
+
+
+def _save_eval_maps(model: Model, samples, owners, regions, maps, folder: Path) -> dict:
+    from .reports import save_map_outputs
+
+    vrange = _display_range(model, maps)
+    thr = model.thresholds.pixel if model.thresholds else None
+    for i, (region, hw), amap in zip(owners, regions, maps):
+        x = samples[i]
+        full = np.full(hw, vrange[0], np.float32)  # outside the model's view: bottom of the scale
+        h, w = region[0].stop - region[0].start, region[1].stop - region[1].start
+        full[region] = amap if amap.shape == (h, w) else cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
+        mask = model.postprocess.binarize(full, thr) if thr is not None else None
+        save_map_outputs(folder / x.defect_type / Path(x.path).stem, read_image(x.path), full, vrange, mask)
+    return {"folder": str(folder), "display_range": list(vrange)}
+
+
+# ---------------------------------------------------------------------------------- export
+def export_images(model: Model, images: Sequence[Path], out_dir: Path, progress: Progress | None = None,
+                  base: Path | None = None) -> dict:
+    """Score any images (no labels) and write, per image, an overlay PNG, the raw map (float16
+    .npy), a binary defect mask PNG (when the model has thresholds) and one line of
+    ``predictions.jsonl``. Streams: memory does not grow with the number of images. An
+    unreadable image is reported in the summary and skipped."""
+    from .reports import save_map_outputs, write_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    thr = model.thresholds
+    vrange = _display_range(model)
+    partial = out_dir / ".predictions.jsonl.partial"
+    failures, n_ok, n_anomalous = [], 0, 0
+    t0 = time.perf_counter()
+    with open(partial, "w") as lines:
+        for s in score_stream(model, list(images), progress, f"exporting maps for {len(images)} images"):
+            path = Path(images[s.index])
+            if s.error:
+                failures.append({"path": str(path), "error": s.error})
+                continue
+            rel = path.relative_to(base).with_suffix("") if base and path.is_relative_to(base) else Path(path.stem)
+            row = {"path": str(path), "score": s.score}
+            if thr is not None:
+                row["is_anomalous"] = bool(s.score >= thr.image)
+                n_anomalous += row["is_anomalous"]
+            if s.amap is not None:
+                image = read_image(path)
+                lo, hi = vrange or (float(s.amap.min()), float(s.amap.max()))  # uncalibrated: per-image scale
+                full = np.full(s.orig_hw, lo, np.float32)
+                full[s.region] = s.amap
+                mask = model.postprocess.binarize(full, thr.pixel) if thr is not None and thr.pixel is not None else None
+                row["files"] = save_map_outputs(out_dir / rel, image, full, (lo, hi), mask)
+                if mask is not None:
+                    n_regions, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+                    row.update(defect_area_px=int(mask.sum()), n_regions=int(n_regions - 1))
+            lines.write(json.dumps(row) + "\n")
+            n_ok += 1
+    partial.replace(out_dir / "predictions.jsonl")
+    elapsed = time.perf_counter() - t0
+    summary = {
+        "n_images": len(images), "n_scored": n_ok, "n_failed": len(failures), "failures": failures,
+        "n_anomalous": n_anomalous if thr is not None else None,
+        "thresholds": thr.to_dict() if thr else None,
+        "display_range": list(vrange) if vrange else "per-image min-max (model has no calibration)",
+        "seconds": elapsed, "images_per_s": n_ok / elapsed if elapsed > 0 else None, "peak_rss_mb": peak_rss_mb(),
+        "outputs": "<stem>_overlay.png, <stem>_map.npy (float16, original resolution), <stem>_mask.png (0/255)",
+    }
+    write_json(out_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,113 @@
+"""torchvision backbones as multi-layer feature extractors.
+
+``FeatureExtractor("wide_resnet50_2", ["layer2", "layer3"], weights="DEFAULT")`` returns the
+tapped feature maps; ``channels`` and ``strides`` come from a probe forward pass (never
+hard-coded), like timm's ``feature_info``. Weights resolve as in torchvision (weights enum name,
+looked up in ``$TORCH_HOME/hub/checkpoints`` before any download) or from a local checkpoint
+file, which is read with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ModelError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _close(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def _is_path(weights: str) -> bool:
+    return any(s in weights for s in ("/", "\\")) or weights.endswith((".pth", ".pt", ".bin"))
+
+
+def build_torchvision_model(name: str, weights: str | None) -> nn.Module:
+    """A torchvision classification model by name, with weights resolved offline-first.
+
+    ``weights``: a torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``; torchvision
+    looks in its cache before downloading), a path to a local state-dict checkpoint, or
+    ``None`` for random initialisation (tests).
+    """
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise ConfigError(f"Unknown torchvision backbone {name!r}.{_close(name, available)}")
+    if weights is None:
+        return torchvision.models.get_model(name, weights=None)
+    if _is_path(weights):
+        path = Path(weights)
+        if not path.is_file():
+            raise ModelError(f"Backbone weights file not found: {path}")
+        model = torchvision.models.get_model(name, weights=None)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            model.load_state_dict(state)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not a checkpoint of this model"
+            raise ModelError(f"Cannot load {path} into {name}: {str(exc).splitlines()[0]}") from None
+        return model
+    try:
+        enum = torchvision.models.get_model_weights(name)
+        w = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        names = [w.name for w in torchvision.models.get_model_weights(name)] + ["DEFAULT"]
+        raise ConfigError(f"Unknown weights {weights!r} for {name}. Available: {', '.join(names)}") from None
+    try:
+        return torchvision.models.get_model(name, weights=w)
+    except Exception as exc:  # noqa: BLE001 - network/cache failures
+        raise ModelError(
+            f"Cannot obtain {name} weights {w} ({str(exc).splitlines()[0]}). Offline? Put the file "
+            f"in $TORCH_HOME/hub/checkpoints/ or give a local path in detector.params.weights."
+        ) from None
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FeatureExtractor(nn.Module):
+    """Feature maps of named layers of a torchvision model, in the order given.
+
+    Input: float [B, 3, H, W] in [0, 1] RGB; ImageNet normalisation is applied here.
+    The network is cut after the deepest tap, so later layers cost nothing.
+    """
+
+    def __init__(self, backbone: str, layers: list[str], weights: str | None):
+        super().__init__()
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+        model = build_torchvision_model(backbone, weights).eval()
+        nodes = get_graph_node_names(model)[1]
+        modules = dict(model.named_modules())
+        for layer in layers:
+            if layer not in nodes and layer not in modules:
+                options = [n for n in modules if n and "." not in n.split(".", 2)[-1]] or list(modules)
+                raise ConfigError(f"Layer {layer!r} not found in {backbone}.{_close(layer, options)}")
+        self.layers = list(layers)
+        self.body = create_feature_extractor(model, return_nodes={layer: layer for layer in layers}).eval()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        with torch.inference_mode():  # probe: channels and strides, like timm's feature_info
+            out = self.body(torch.zeros(1, 3, 64, 64))
+        self.channels = [int(out[k].shape[1]) for k in self.layers]
+        self.strides = [64 // int(out[k].shape[-1]) for k in self.layers]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = self.body((x - self.mean) / self.std)
+        return [out[k] for k in self.layers]

@@ -1,0 +1,93 @@
+"""Report files: atomic JSON, per-image JSON lines, and PNG/NPY anomaly-map exports."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import cv2
+import numpy as np
+
+from . import __version__
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _default(o: Any):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON atomically (temp file + rename): a crash never leaves half a report."""
+    path = Path(path)
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_default, allow_nan=True) + "\n").encode())
+    return path
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    path = Path(path)
+    _atomic_write_bytes(path, "".join(json.dumps(r, default=_default) + "\n" for r in rows).encode())
+    return path
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import torchvision
+
+    return {
+        "pyimgano": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "opencv": cv2.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def colorize(amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """Map values to a JET heatmap (BGR uint8) over a fixed [vmin, vmax] range."""
+    scaled = (np.asarray(amap, np.float32) - vmin) / max(vmax - vmin, 1e-12)
+    return cv2.applyColorMap((np.clip(scaled, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+
+
+def _png(path: Path, image: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"cannot encode PNG for {path}")
+    _atomic_write_bytes(path, buf.tobytes())
+
+
+def save_map_outputs(stem: Path, image_rgb: np.ndarray, amap_full: np.ndarray, vrange: tuple[float, float], mask: np.ndarray | None) -> dict[str, str]:
+    """Write ``<stem>_overlay.png`` (heatmap over the image), ``<stem>_map.npy`` (raw float16
+    map at original resolution) and, when given, ``<stem>_mask.png`` (0/255 defect mask)."""
+    heat = colorize(amap_full, *vrange)
+    overlay = cv2.addWeighted(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), 0.5, heat, 0.5, 0)
+    out = {"overlay": f"{stem}_overlay.png", "map": f"{stem}_map.npy"}
+    _png(Path(out["overlay"]), overlay)
+    tmp = Path(f"{stem}_map.tmp.npy")
+    np.save(tmp, amap_full.astype(np.float16))
+    os.replace(tmp, out["map"])
+    if mask is not None:
+        out["mask"] = f"{stem}_mask.png"
+        _png(Path(out["mask"]), mask.astype(np.uint8) * 255)
+    return out
