@@ -6,8 +6,11 @@ AUPRO following the MVTec AD evaluation code (Bergmann et al.). Plain numpy/scip
 scikit-learn is deliberately not imported, because its OpenMP runtime clashes with
 torch's inside one process.
 
-Pixel metrics are computed in float32 (maps are cast once), so distinct float64 values
-that round to the same float32 count as one threshold.
+All curves are built from the tie groups that contain at least one positive: the
+scores of all samples are sorted once, and "how many samples score >= t" is a binary
+search in them, so only positives (defect pixels) are ever tracked individually. Pixel
+metrics are computed in float32 (maps are cast once), so distinct float64 values that
+round to the same float32 count as one threshold.
 """
 from __future__ import annotations
 
@@ -69,9 +72,10 @@ def _require_normals(g: _Groups, what: str) -> None:
 
 
 def _auroc(g: _Groups) -> float:
-    # Trapezoid over distinct thresholds (a mixed tie group is a diagonal = half credit,
-    # as sklearn). Groups without positives add full-height rectangles, hence "1 -"
-    # the area each positive group leaves above the curve: dTP * (FP0 + FP1) / 2.
+    # Trapezoids over distinct thresholds, a mixed tie group being a diagonal (half
+    # credit), as sklearn. Computed as 1 - the area above the curve, which only groups
+    # adding true positives contribute to: dTP * (FP0 + FP1) / 2. The integer dot
+    # product is exact (it stays far below int64 range for < 4e9 samples).
     gap = np.dot(g.t1 - g.t0, (g.c0 - g.t0) + (g.c1 - g.t1)) / 2.0
     return float(1.0 - gap / (g.n_pos * g.n_neg))
 
@@ -237,7 +241,7 @@ def pixel_metrics(masks: Sequence, maps: Sequence, fpr_limit: float = 0.3) -> di
     if regions.size == scores.size:
         raise MetricInputError("pixel metrics: masks contain no background pixel")
     scores.sort()  # the one global sort
-    order = np.argsort(defect_scores)[::-1]  # defect pixels only: few
+    order = np.argsort(defect_scores)[::-1]  # defect pixels only, typically a few %
     g = _positive_groups(scores, defect_scores[order])
     del scores
     # PRO weight of a defect pixel = 1 / (region size * number of regions), so PRO at a
