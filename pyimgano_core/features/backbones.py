@@ -43,7 +43,11 @@ def build_torchvision_model(name: str, weights: str | None) -> nn.Module:
     if name not in available:
         raise ConfigError(f"Unknown torchvision backbone {name!r}.{_close(name, available)}")
     if weights is None:
-        return torchvision.models.get_model(name, weights=None)
+        # Seeded, so a random-weights model (tests, ablations) is reproducible and a saved one
+        # reloads with identical scores; the global RNG is left untouched.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return torchvision.models.get_model(name, weights=None)
     if _is_path(weights):
         path = Path(weights)
         if not path.is_file():

@@ -1,0 +1,35 @@
+"""Test helpers: an injected embedder (no weights) and config writing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+
+class PixelEmbedder:
+    """Deterministic patch features from pixels: each 4x4 cell's colours and local contrast.
+
+    float [B, 3, H, W] -> [B, H/4, W/4, 27]; enough to separate planted blobs from texture.
+    """
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        mean = F.avg_pool2d(pixels, 4)  # (B, 3, h, w)
+        sq = F.avg_pool2d(pixels * pixels, 4)
+        std = (sq - mean * mean).clamp_min(0).sqrt()
+        ctx = F.avg_pool2d(mean, 3, stride=1, padding=1, count_include_pad=False)
+        feats = torch.cat([mean, std, ctx, mean - ctx, mean * 2, std * 3, ctx * ctx, mean.abs(), (mean - 0.5) ** 2], 1)
+        return feats.permute(0, 2, 3, 1).contiguous()
+
+
+TINY_CNN = {"backbone": "resnet18", "layers": ["layer1", "layer2"], "weights": None, "image_size": 64, "crop": None,
+            "coreset_ratio": 0.5, "pretrain_embed_dim": 64, "target_embed_dim": 64}
+
+
+def write_config(path: Path, root: Path, detector: str = "patchcore", params: dict | None = None, **extra) -> Path:
+    cfg = {"name": "t", "seed": 0, "dataset": {"type": "mvtec_ad", "root": str(root), "category": "all"},
+           "detector": {"name": detector, "params": dict(TINY_CNN if params is None else params)}}
+    cfg.update(extra)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
