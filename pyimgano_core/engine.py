@@ -22,6 +22,7 @@ from . import metrics as M
 from .calibration import fit_thresholds, split_holdout
 from .config import ExperimentConfig
 from .data.io import read_image, read_mask
+from .data.shots import select_shots
 from .data.types import Split
 from .detectors import create_detector
 from .errors import ConfigError, DataError
@@ -69,6 +70,7 @@ def build_model(cfg: ExperimentConfig, split: Split, progress: Progress | None =
     fit_samples, holdout = split.train, []
     if cfg.calibration is not None:
         fit_samples, holdout = split_holdout(split.train, cfg.calibration.holdout_fraction, cfg.seed)
+    fit_samples = select_shots(fit_samples, cfg.dataset.shots, cfg.seed)
     detector = create_detector(cfg.detector.name, **cfg.detector_params())
     progress.start(f"[{split.name}] fitting {cfg.detector.name} on {len(fit_samples)} images", None)
     t0 = time.perf_counter()
@@ -78,6 +80,7 @@ def build_model(cfg: ExperimentConfig, split: Split, progress: Progress | None =
     model = Model(detector, AnomalyMapPostprocess(cfg.postprocess), meta={
         "name": cfg.name, "category": split.name, "n_fit_images": len(fit_samples),
         "holdout": [str(s.path) for s in holdout],
+        "fit_images": [str(s.path) for s in fit_samples] if cfg.dataset.shots else None,
     })
     if holdout:
         t0 = time.perf_counter()
@@ -266,6 +269,7 @@ def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: P
             "thresholds_from": "held-out normal training images" if model.thresholds else None,
         },
         "notes": split.notes,
+        "few_shot_images": model.meta.get("fit_images"),
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
         "maps": maps_written,

@@ -137,3 +137,16 @@ def test_bad_yaml_and_missing_file(tmp_path):
     assert res.exit_code == 2 and "invalid YAML" in res.output
     res = run("validate", tmp_path / "missing.yaml")
     assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_few_shot_uses_k_seeded_images(tree, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tree)
+    reports = []
+    for seed in ("0", "0", "1"):
+        res = run("eval", cfg, "--out", tmp_path / seed, "--set", "dataset.shots=2", "--set", f"seed={seed}", "-q")
+        assert res.exit_code == 0, res.output
+        reports.append(json.loads((tmp_path / seed / "t/widget/report.json").read_text()))
+    assert reports[0]["counts"]["fit"] == 2 and len(reports[0]["few_shot_images"]) == 2
+    assert reports[0]["few_shot_images"] == reports[1]["few_shot_images"] != reports[2]["few_shot_images"]
+    res = run("eval", cfg, "--out", tmp_path / "x", "--set", "dataset.shots=99")
+    assert res.exit_code != 0 and "dataset.shots=99" in res.output

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import DataError
 from .contamination import Contamination
@@ -34,12 +34,16 @@ class DatasetBase(BaseModel):
         A defective test image without a mask file: fail naming it, or keep it
         without pixel ground truth (``mask_path=None``; it still counts for image
         metrics) and list it in ``notes["missing_masks"]``.
+    shots : int or None
+        Few-shot protocol: the detector is fitted on ``shots`` training images drawn
+        with the experiment's top-level ``seed`` (see :mod:`.shots`).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     contamination: Contamination | None = None
     missing_mask: Literal["error", "exclude"] = "error"
+    shots: int | None = Field(None, ge=1, description="few-shot: fit on this many training images, drawn with the top-level seed")
 
 
 # --------------------------------------------------------------------------- paths
