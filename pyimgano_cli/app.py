@@ -177,8 +177,20 @@ def data(config: Path, set_: list[str] = SetOpt, as_json: bool = JsonOpt) -> Non
         sys.stdout.write(json.dumps(info, default=str) + "\n")
         return
     for name, d in info.items():
-        out.print(f"[bold]{name}[/]")
-        out.print_json(json.dumps(d, default=str))
+        out.print(f"[bold]{name}[/]  ({d.get('root')}, mask value > {d.get('mask_threshold')})", highlight=False)
+        for part in ("train", "test"):
+            c = d[part]
+            kinds = ", ".join(f"{k} {v}" for k, v in c["by_defect"].items())
+            out.print(f"  {part}: {c['total']} images ({kinds})", highlight=False)
+        size = d["image_size"]
+        out.print(f"  image size: height {size['height'][0]}-{size['height'][1]}, width {size['width'][0]}-{size['width'][1]}"
+                  f" ({size['distinct']} distinct)", highlight=False)
+        m = d["masks"]
+        out.print(f"  masks: {m['found']} found, {m['missing']} missing, {m['empty']} empty", highlight=False)
+        if d.get("contamination"):
+            out.print(f"  contamination: {len(d['contamination'].get('moved', []))} defective images moved into train", highlight=False)
+        for problem in d.get("problems", [])[:10]:
+            out.print(f"  [yellow]problem:[/] {problem}", highlight=False)
 
 
 def main() -> None:

@@ -150,3 +150,20 @@ def test_few_shot_uses_k_seeded_images(tree, tmp_path):
     assert reports[0]["few_shot_images"] == reports[1]["few_shot_images"] != reports[2]["few_shot_images"]
     res = run("eval", cfg, "--out", tmp_path / "x", "--set", "dataset.shots=99")
     assert res.exit_code != 0 and "dataset.shots=99" in res.output
+
+
+def test_infer_api_matches_export(tree, tmp_path):
+    from pyimgano_core.infer import load_model
+
+    cfg = write_config(tmp_path / "c.yaml", tree, calibration={"holdout_fraction": 0.25})
+    assert run("fit", cfg, "--out", tmp_path / "m", "-q").exit_code == 0
+    inspector = load_model(tmp_path / "m/t/widget/model")
+    bad = sorted((tree / "widget/test/scratch").glob("*.png"))[0]
+    good = sorted((tree / "widget/test/good").glob("*.png"))[0]
+    r_bad, r_good = inspector.predict(bad), inspector.predict(str(good))
+    assert r_bad.is_anomalous and r_bad.score > r_good.score
+    assert r_bad.anomaly_map.shape == (64, 64) and r_bad.mask.dtype == bool and r_bad.mask.any()
+    gt = cv2.imread(str(tree / "widget/ground_truth/scratch" / f"{bad.stem}_mask.png"), 0) > 0
+    assert (r_bad.mask & gt).sum() > 0.3 * gt.sum()  # the predicted mask finds the planted blob
+    report = json.loads((tmp_path / "m/t/summary.json").read_text())
+    assert report["categories"]["widget"]["thresholds"]["image"] == inspector.model.thresholds.image
