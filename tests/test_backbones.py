@@ -1,0 +1,91 @@
+"""Backbones (probe, weights resolution) and PatchCore's patch features vs a reference-style version."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyimgano_core.errors import ConfigError, ModelError
+from pyimgano_core.features.backbones import FeatureExtractor, build_torchvision_model
+from pyimgano_core.features.patch_embed import LocalPatchEmbedder
+
+SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared/weights/mobilenet_v2-b0353104.pth"
+
+
+@pytest.mark.parametrize("name,layers,channels,strides", [
+    ("resnet18", ["layer2", "layer3"], [128, 256], [8, 16]),
+    ("wide_resnet50_2", ["layer2", "layer3"], [512, 1024], [8, 16]),
+    ("mobilenet_v2", ["features.6", "features.13"], [32, 96], [8, 16]),
+    ("efficientnet_b0", ["features.3", "features.4"], [40, 80], [8, 16]),
+    ("convnext_tiny", ["features.3", "features.5"], [192, 384], [8, 16]),
+])
+def test_probe_finds_channels_and_strides(name, layers, channels, strides):
+    fx = FeatureExtractor(name, layers, weights=None)
+    assert fx.channels == channels and fx.strides == strides
+    out = fx(torch.rand(1, 3, 64, 96))
+    assert [tuple(o.shape[1:]) for o in out] == [(c, 64 // s, 96 // s) for c, s in zip(channels, strides)]
+
+
+def test_unknown_names_suggest_close_matches():
+    with pytest.raises(ConfigError, match="Did you mean: wide_resnet50_2"):
+        build_torchvision_model("wide_resnet50", None)
+    with pytest.raises(ConfigError, match="features.6"):
+        FeatureExtractor("mobilenet_v2", ["feature.6"], None)
+    with pytest.raises(ConfigError, match="IMAGENET1K_V1"):
+        build_torchvision_model("resnet18", "IMAGENET_V9")
+
+
+def test_local_checkpoint_is_loaded_with_weights_only(tmp_path):
+    model = build_torchvision_model("resnet18", None)
+    for p in model.parameters():
+        p.data.normal_()
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    loaded = build_torchvision_model("resnet18", str(tmp_path / "r18.pth"))
+    assert torch.equal(loaded.conv1.weight, model.conv1.weight)
+    with pytest.raises(ModelError, match="not found"):
+        build_torchvision_model("resnet18", str(tmp_path / "missing.pth"))
+    with pytest.raises(ModelError, match="Cannot load"):
+        build_torchvision_model("resnet34", str(tmp_path / "r18.pth"))
+
+
+@pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="../shared MobileNetV2 checkpoint not present")
+def test_offline_mobilenet_checkpoint():
+    fx = FeatureExtractor("mobilenet_v2", ["features.6", "features.13"], str(SHARED_WEIGHTS))
+    assert fx.channels == [32, 96]
+
+
+def _reference_embed(maps: list[torch.Tensor], pretrain: int, target: int) -> torch.Tensor:
+    """PatchCore's _embed, step by step as in the reference code: patchify (B, L, C, 3, 3), reshape
+    to per-(C,3,3) spatial maps, bilinearly resize deeper layers, MeanMapper, Aggregator."""
+    unfolder = torch.nn.Unfold(kernel_size=3, stride=1, padding=1, dilation=1)
+    feats, shapes = [], []
+    for f in maps:
+        u = unfolder(f)  # (B, C*9, L)
+        u = u.reshape(*f.shape[:2], 3, 3, -1).permute(0, 4, 1, 2, 3)  # (B, L, C, 3, 3)
+        feats.append(u)
+        shapes.append(f.shape[-2:])
+    ref = shapes[0]
+    for i in range(1, len(feats)):
+        x = feats[i].reshape(feats[i].shape[0], shapes[i][0], shapes[i][1], *feats[i].shape[2:])
+        x = x.permute(0, -3, -2, -1, 1, 2)
+        base = x.shape
+        x = x.reshape(-1, *x.shape[-2:])
+        x = F.interpolate(x.unsqueeze(1), size=(ref[0], ref[1]), mode="bilinear", align_corners=False).squeeze(1)
+        x = x.reshape(*base[:-2], ref[0], ref[1]).permute(0, -2, -1, 1, 2, 3)
+        feats[i] = x.reshape(len(x), -1, *x.shape[-3:])
+    feats = [x.reshape(-1, *x.shape[-3:]) for x in feats]
+    pooled = [F.adaptive_avg_pool1d(x.reshape(len(x), 1, -1), pretrain).squeeze(1) for x in feats]
+    stacked = torch.stack(pooled, dim=1).reshape(len(pooled[0]), 1, -1)
+    return F.adaptive_avg_pool1d(stacked, target).reshape(len(pooled[0]), -1)
+
+
+def test_patch_features_match_reference_implementation():
+    fx = FeatureExtractor("resnet18", ["layer2", "layer3"], weights=None)
+    emb = LocalPatchEmbedder(fx, patch_size=3, pretrain_dim=96, target_dim=64)
+    x = torch.rand(2, 3, 64, 80)
+    ours = emb(x)
+    assert ours.shape == (2, 8, 10, 64)
+    ref = _reference_embed(fx(x), 96, 64)
+    torch.testing.assert_close(ours.reshape(-1, 64), ref, rtol=1e-5, atol=1e-6)
