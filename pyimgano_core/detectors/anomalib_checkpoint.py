@@ -50,6 +50,7 @@ class AnomalibCheckpointParams(DetectorParams):
     device: Literal["cpu", "cuda", "auto"] = "auto"
     trust_checkpoint: bool = Field(False, description="allow unpickling a checkpoint (it can execute code)")
     batch_size: int = Field(8, ge=1)
+    seed: int = Field(0, description="accepted for the common config; unused (nothing is trained or sampled)")
 
 
 def _norm_name(name: str) -> str:
