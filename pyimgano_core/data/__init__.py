@@ -16,7 +16,8 @@ from ..errors import DataError
 from .base import rel_path
 from .btad import BTADConfig, load_btad
 from .contamination import Contamination, apply_contamination
-from .custom import FolderConfig, ManifestConfig, MaskSpec, load_folder, load_manifest
+from .folder import FolderConfig, MaskSpec, load_folder
+from .manifest import ManifestConfig, load_manifest
 from .io import image_size, read_image, read_mask
 from .mvtec import MVTecConfig, load_mvtec
 from .types import GOOD, Sample, Split

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from ..errors import DataError
 from .base import DatasetBase, abs_path, finish_split, list_images, load_tree, resolve_categories
-from .custom import read_table, samples_from_rows
+from .manifest import read_table, samples_from_rows
 from .mvtec import is_tree_category
 from .types import Split
 
