@@ -66,11 +66,9 @@ def _print_metrics(summary: dict, as_json: bool, quiet: bool) -> None:
     from pyimgano_core.runs import METRIC_KEYS
 
     table = Table(title=f"{summary['name']} ({summary['detector']})")
-    table.add_column("category / defect")
-    for k in METRIC_KEYS:
-        table.add_column(k, justify="right")
-    table.add_column("fit s", justify="right")
-    table.add_column("s/img", justify="right")
+    table.add_column("category / defect", overflow="fold")
+    for header in ("img AUROC", "img AP", "pix AUROC", "pix AP", "AUPRO", "fit s", "s/img"):
+        table.add_column(header, justify="right")
     for cat, r in summary["categories"].items():
         t = r["timing"]
         table.add_row(f"[bold]{cat}[/]", *(_fmt(r["metrics"].get(k)) for k in METRIC_KEYS),
