@@ -1,5 +1,6 @@
 """Detectors and their registry. Importing this package registers every built-in detector."""
 from .base import Detector, DetectorParams, Prediction, create_detector, get_detector_class, list_detectors, register_detector
 from . import patchcore  # noqa: F401  (registers)
+from . import anomalydino, openclip_patchknn  # noqa: F401
 
 __all__ = ["Detector", "DetectorParams", "Prediction", "create_detector", "get_detector_class", "list_detectors", "register_detector"]
