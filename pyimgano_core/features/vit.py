@@ -78,6 +78,11 @@ class TimmViTEmbedder(ViTPatchEmbedder):
     """A timm VisionTransformer (DINOv2 by default) at any input size (position embeddings resampled)."""
 
     def __init__(self, model: nn.Module):
+        if not hasattr(model, "forward_intermediates"):
+            import timm
+
+            raise OptionalDependencyError(f"timm {timm.__version__} is too old (no forward_intermediates, timm>=1.0); "
+                                          'upgrade it: pip install -U "pyimgano[dino]"')
         cfg = model.pretrained_cfg
         super().__init__(model.patch_embed.patch_size[0], cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
         self.model = model.eval().requires_grad_(False)
