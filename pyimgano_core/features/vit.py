@@ -78,6 +78,8 @@ class TimmViTEmbedder(ViTPatchEmbedder):
     """A timm VisionTransformer (DINOv2 by default) at any input size (position embeddings resampled)."""
 
     def __init__(self, model: nn.Module):
+        if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
+            raise ConfigError(f"timm model {type(model).__name__} is not a ViT with patch tokens (use torchvision:<name> for CNNs)")
         if not hasattr(model, "forward_intermediates"):
             import timm
 
