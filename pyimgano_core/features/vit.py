@@ -169,16 +169,26 @@ def build_timm_vit(name: str, weights: str | None) -> TimmViTEmbedder:
     timm = require("timm", extra="dino")
     if not timm.is_model(name):
         raise ConfigError(f"Unknown timm model {name!r}.{_close(name, timm.list_models('vit_*'))}")
-    kw = dict(dynamic_img_size=True, num_classes=0)
-    if weights is None:
-        return TimmViTEmbedder(_seeded(lambda: timm.create_model(name, pretrained=False, **kw)))
-    if weights != "DEFAULT" and not _is_path(weights):
+    if weights is not None and weights != "DEFAULT" and not _is_path(weights):
         raise ConfigError(f"weights for {name} must be DEFAULT, a local checkpoint path or null; got {weights!r}")
-    if weights != "DEFAULT":
-        # timm reads the file with weights_only=True and converts DINOv2's original key names
-        kw["pretrained_cfg_overlay"] = {"file": str(_check_file(weights))}
+    overlay = {"file": str(_check_file(weights))} if weights not in (None, "DEFAULT") else None
+
+    def create():
+        try:
+            # a local file is read by timm with weights_only=True (DINOv2's original key names converted)
+            return timm.create_model(name, pretrained=weights is not None, pretrained_cfg_overlay=overlay,
+                                     dynamic_img_size=True, num_classes=0)
+        except TypeError as exc:
+            if "dynamic_img_size" in str(exc):
+                raise ConfigError(f"timm model {name} is not a ViT with patch tokens (use torchvision:<name> for CNNs)") from None
+            raise
+
+    if weights is None:
+        return TimmViTEmbedder(_seeded(create))
     try:
-        model = timm.create_model(name, pretrained=True, **kw)
+        model = create()
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001 - network, cache or checkpoint failures
         raise ModelError(
             f"Cannot obtain weights for {name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
