@@ -207,14 +207,33 @@ class AnomalibCheckpoint(Detector):
         overrides = {k: False for k in ("pre_trained", "evaluator", "visualizer") if k in init}
         try:
             try:
-                return cls.load_from_checkpoint(path, map_location=device, weights_only=True, **overrides)
+                return self._load_strict_model(cls, path, device, True, overrides)
             except pickle.UnpicklingError:
                 if not self.params_.trust_checkpoint:
                     raise self._untrusted(path, "holds Python objects beyond tensors and plain data") from None
-                return cls.load_from_checkpoint(path, map_location=device, weights_only=False, **overrides)
+                return self._load_strict_model(cls, path, device, False, overrides)
         except (RuntimeError, TypeError, KeyError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"checkpoint {path} does not load as an anomalib {cls.__name__} model: {first}") from None
+
+    @staticmethod
+    def _load_strict_model(cls, path: Path, device, weights_only: bool, overrides: dict):
+        """``load_from_checkpoint`` that is strict about the model, lenient about metrics.
+
+        We rebuild without evaluator/visualizer, but a checkpoint trained with one (e.g. AUPRO's
+        ``fpr_limit`` buffer) stores their state: a plain strict load then fails on those keys.
+        So load non-strictly and compare every other key ourselves.
+        """
+        import torch
+
+        module = cls.load_from_checkpoint(path, map_location=device, weights_only=weights_only, strict=False, **overrides)
+        saved = torch.load(path, map_location="cpu", weights_only=weights_only).get("state_dict", {})
+        ignored = ("evaluator.", "visualizer.")
+        ours = {k for k in module.state_dict() if not k.startswith(ignored)}
+        theirs = {k for k in saved if not k.startswith(ignored)}
+        if ours != theirs:
+            raise RuntimeError(f"missing keys {sorted(ours - theirs)[:3]}, unexpected keys {sorted(theirs - ours)[:3]}")
+        return module
 
     def _setup(self, module, device, path: Path) -> None:
         p = self.params_
