@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .progress import RichProgress
@@ -30,7 +31,7 @@ def _guard(fn: Callable[[], object]) -> object:
     try:
         return fn()
     except PyimganoError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -136,7 +137,7 @@ def export_maps(config: Path, model: Optional[Path] = typer.Option(None, "--mode
             out.print(f"[{cat}] {r['n_scored']}/{r['n_images']} images scored ({_fmt(r['images_per_s'])} img/s)"
                       + (f", {r['n_anomalous']} anomalous" if r.get("n_anomalous") is not None else ""))
             for f in r["failures"]:
-                err.print(f"[yellow]skipped[/] {f['path']}: {f['error']}", highlight=False)
+                err.print(f"[yellow]skipped[/] {escape(f['path'])}: {escape(f['error'])}", highlight=False)
     if failed:
         err.print(f"[bold red]error:[/] {failed} image(s) could not be read; all others were exported")
         raise typer.Exit(3)

@@ -219,8 +219,6 @@ def test_missing_optional_package_names_the_extra(tmp_path, monkeypatch, backbon
         create_detector("anomalydino", backbone=backbone, weights=None).fit(images(1, 0))
 
 
-@pytest.mark.xfail(strict=True, reason="pyimgano_cli/app.py prints errors as rich markup, which eats '[dino]'; "
-                                       "fix: escape the message (rich.markup.escape) in _guard, then drop this mark")
 def test_cli_error_shows_the_extra_verbatim(tmp_path, monkeypatch):
     res = _eval_without(tmp_path, monkeypatch, "dinov2_vits14", "timm")
     assert 'pip install "pyimgano[dino]"' in res.output
