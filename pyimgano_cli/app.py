@@ -83,10 +83,10 @@ def _print_metrics(summary: dict, as_json: bool, quiet: bool) -> None:
         dec = r.get("decisions")
         if dec:
             i, p = dec["image"], dec.get("pixel")
-            out.print(f"[{cat}] at calibrated thresholds: image F1 {i['f1']:.3f} (P {i['precision']:.3f}, R {i['recall']:.3f}, "
+            out.print(escape(f"[{cat}]") + f" at calibrated thresholds: image F1 {i['f1']:.3f} (P {i['precision']:.3f}, R {i['recall']:.3f}, "
                       f"FPR on test/good {_fmt(i['test_good_fpr'])})" + (f", pixel F1 {p['f1']:.3f}, IoU {p['iou']:.3f}" if p else "")
                       + f"; oracle F1-max: {dec['oracle_f1_max_NOT_a_deployable_threshold']}")
-        out.print(f"report: {r['report']}")
+        out.print(f"report: {escape(r['report'])}", highlight=False)
 
 
 @app.command()
@@ -107,7 +107,7 @@ def fit(config: Path, set_: list[str] = SetOpt, out_root: Optional[Path] = OutOp
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
     elif not quiet:
         for cat, r in summary["categories"].items():
-            out.print(f"[{cat}] model saved to {r['model']} (fit {r['timing']['fit_s']:.1f} s)")
+            out.print(escape(f"[{cat}] model saved to {r['model']} (fit {r['timing']['fit_s']:.1f} s)"))
 
 
 @app.command("eval")
@@ -134,7 +134,7 @@ def export_maps(config: Path, model: Optional[Path] = typer.Option(None, "--mode
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
     elif not quiet:
         for cat, r in summary["categories"].items():
-            out.print(f"[{cat}] {r['n_scored']}/{r['n_images']} images scored ({_fmt(r['images_per_s'])} img/s)"
+            out.print(escape(f"[{cat}]") + f" {r['n_scored']}/{r['n_images']} images scored ({_fmt(r['images_per_s'])} img/s)"
                       + (f", {r['n_anomalous']} anomalous" if r.get("n_anomalous") is not None else ""))
             for f in r["failures"]:
                 err.print(f"[yellow]skipped[/] {escape(f['path'])}: {escape(f['error'])}", highlight=False)
@@ -189,7 +189,7 @@ def data(config: Path, set_: list[str] = SetOpt, as_json: bool = JsonOpt) -> Non
         if d.get("contamination"):
             out.print(f"  contamination: {len(d['contamination'].get('moved', []))} defective images moved into train", highlight=False)
         for problem in d.get("problems", [])[:10]:
-            out.print(f"  [yellow]problem:[/] {problem}", highlight=False)
+            out.print(f"  [yellow]problem:[/] {escape(problem)}", highlight=False)
 
 
 def main() -> None:
