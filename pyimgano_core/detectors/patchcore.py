@@ -13,6 +13,8 @@ Example
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from pydantic import Field
@@ -60,8 +62,10 @@ class PatchCore(PatchKNNDetector):
     def _build_memory(self, features: np.ndarray, grid_hw) -> None:
         p = self.params_
         if p.coreset_ratio < 1:
+            t0 = time.perf_counter()
             keep = greedy_coreset(features, int(len(features) * p.coreset_ratio), p.coreset_projection_dim, p.seed)
             features = features[np.sort(keep)]
+            self.timing_["coreset_s"] = time.perf_counter() - t0
         self.memory_ = np.ascontiguousarray(features, dtype=np.float32)
 
     def _image_scores(self, patch: np.ndarray, dists, idx, feats) -> np.ndarray:
