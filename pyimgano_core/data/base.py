@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import DataError
 from .contamination import Contamination
 from .io import image_size, is_image_file, read_mask
-from .types import GOOD, Sample, Split
+from .types import GOOD, Sample, Split, rel_path  # noqa: F401  (rel_path: re-exported)
 
 
 class DatasetBase(BaseModel):
@@ -55,16 +55,6 @@ def abs_path(path: str | os.PathLike, base: Path | None = None) -> Path:
     if not p.is_absolute():
         p = (base if base is not None else Path.cwd()) / p
     return Path(os.path.normpath(p))
-
-
-def rel_path(path: Path, root: str | os.PathLike | None) -> str:
-    """Posix path relative to ``root`` when inside it, else the absolute posix path."""
-    if root is not None:
-        try:
-            return path.relative_to(root).as_posix()
-        except ValueError:
-            pass
-    return path.as_posix()
 
 
 def require_dir(path: Path, what: str) -> Path:

@@ -8,13 +8,12 @@ Works on any layout because it only sees a :class:`Split`.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
-from .types import Split
+from .types import Split, rel_path
 
 
 class Contamination(BaseModel):
@@ -82,15 +81,6 @@ def apply_contamination(split: Split, cfg: Contamination | None) -> Split:
         "ratio": cfg.ratio,
         "seed": cfg.seed,
         "overlap": cfg.overlap,
-        "moved": [_rel(s.path, root) for s in moved],
+        "moved": [rel_path(s.path, root) for s in moved],
     }
     return split
-
-
-def _rel(path: Path, root: str | None) -> str:
-    if root is not None:
-        try:
-            return path.relative_to(root).as_posix()
-        except ValueError:
-            pass
-    return path.as_posix()

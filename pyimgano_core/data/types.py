@@ -1,6 +1,7 @@
 """Sample and split types shared by every dataset layout."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,3 +37,13 @@ class Split:
     test: list[Sample]
     mask_threshold: int = 127
     notes: dict = field(default_factory=dict)
+
+
+def rel_path(path: Path, root: str | os.PathLike | None) -> str:
+    """Posix path relative to ``root`` when inside it, else the absolute posix path."""
+    if root is not None:
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return path.as_posix()
