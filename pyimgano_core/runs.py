@@ -38,9 +38,18 @@ def find_model(model_arg: Path, category: str) -> Path:
 
 
 def _load_model(cfg: ExperimentConfig, model_arg: Path, category: str) -> Model:
-    model = Model.load(find_model(model_arg, category))
+    folder = find_model(model_arg, category)
+    model = Model.load(folder)
     if model.detector.name != cfg.detector.name:
-        raise ModelError(f"{model_arg}: saved model is {model.detector.name!r} but the config asks for {cfg.detector.name!r}")
+        raise ModelError(f"{folder}: saved model is {model.detector.name!r} but the config asks for {cfg.detector.name!r}")
+    # A saved model is used as fitted: refuse, rather than silently ignore, a config that differs.
+    saved = {k: v for k, v in model.detector.params_.model_dump(mode="json").items() if k != "seed"}
+    diff = sorted(k for k in set(saved) | set(cfg.detector.params) if saved.get(k) != cfg.detector.params.get(k))
+    if diff:
+        raise ModelError(f"{folder}: saved with other detector.params ({', '.join(f'{k}={saved.get(k)!r}' for k in diff[:4])}) "
+                         "than the config; refit with 'pyimgano fit' or use the same settings")
+    if model.postprocess.config != cfg.postprocess:
+        raise ModelError(f"{folder}: saved with another 'postprocess' section than the config; refit or use the same settings")
     return model
 
 

@@ -167,3 +167,14 @@ def test_infer_api_matches_export(tree, tmp_path):
     assert (r_bad.mask & gt).sum() > 0.3 * gt.sum()  # the predicted mask finds the planted blob
     report = json.loads((tmp_path / "m/t/summary.json").read_text())
     assert report["categories"]["widget"]["thresholds"]["image"] == inspector.model.thresholds.image
+
+
+def test_saved_model_with_other_settings_is_refused(tree, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tree)
+    assert run("fit", cfg, "--out", tmp_path / "m", "-q").exit_code == 0
+    res = run("eval", cfg, "--model", tmp_path / "m/t", "--set", "detector.params.coreset_ratio=0.25", "--out", tmp_path / "o")
+    assert res.exit_code == 4 and "coreset_ratio=0.5" in res.output and "Traceback" not in res.output
+    res = run("eval", cfg, "--model", tmp_path / "m/t", "--set", "postprocess.blur_sigma=2", "--out", tmp_path / "o")
+    assert res.exit_code == 4 and "postprocess" in res.output
+    res = run("eval", cfg, "--model", tmp_path / "nowhere", "--out", tmp_path / "o")
+    assert res.exit_code == 4 and "nowhere" in res.output
