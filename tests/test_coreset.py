@@ -8,7 +8,7 @@ from pyimgano_core.detectors.patchknn import greedy_coreset
 
 def test_greedy_coreset_matches_plain_reference_over_several_blocks():
     f = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)
-    picks = greedy_coreset(f, 2500, proj_dim=0, seed=5)  # > one 4096-pick block? no: several probes below
+    picks = greedy_coreset(f, 2500, proj_dim=0, seed=5)  # the block probes both 1 and 2 BLAS threads
     idx = int(np.random.default_rng(5).integers(len(f)))
     d = np.full(len(f), np.inf)
     ref = []
