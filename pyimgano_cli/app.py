@@ -1,6 +1,7 @@
 """The ``pyimgano`` command line: parse, call the engine, print. No numerics here."""
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -157,7 +158,8 @@ def detectors(as_json: bool = JsonOpt) -> None:
         sys.stdout.write(json.dumps(info, default=str) + "\n")
         return
     for name, params in info.items():
-        out.print(f"[bold]{name}[/]  {(get_detector_class(name).__doc__ or '').strip().splitlines()[0]}")
+        doc = inspect.getdoc(get_detector_class(name)) or ""
+        out.print(f"[bold]{name}[/]  {escape(doc.splitlines()[0] if doc else '')}")
         for k, v in params.items():
             out.print(f"    {k} = {v['default']!r}" + (f"  [dim]# {v['description']}[/]" if v["description"] else ""), highlight=False)
 

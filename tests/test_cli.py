@@ -178,3 +178,9 @@ def test_saved_model_with_other_settings_is_refused(tree, tmp_path):
     assert res.exit_code == 4 and "postprocess" in res.output
     res = run("eval", cfg, "--model", tmp_path / "nowhere", "--out", tmp_path / "o")
     assert res.exit_code == 4 and "nowhere" in res.output
+
+
+def test_detectors_listing_human_readable():
+    res = run("detectors")
+    assert res.exit_code == 0, res.output
+    assert "patchcore" in res.output and "softpatch" in res.output and "coreset_ratio = 0.1" in res.output

@@ -26,7 +26,13 @@ from .patchknn import PatchKNNDetector, PatchKNNParams, greedy_coreset
 
 
 class CNNPatchParams(PatchKNNParams):
-    """Backbone and locally aware patch features (shared by PatchCore and SoftPatch)."""
+    """Backbone and locally aware patch features (shared by PatchCore and SoftPatch).
+
+    Geometry defaults are the paper's (Sec. 4.1): resize to 256, centre crop 224.
+    """
+
+    image_size: int | tuple[int, int] = Field(256, description="resize target (squash: exact h,w; shorter_side: short edge)")
+    crop: int | tuple[int, int] | None = Field(224, description="centre crop after resize (None = whole image)")
 
     backbone: str = Field("wide_resnet50_2", description="torchvision model name")
     layers: list[str] = Field(["layer2", "layer3"], min_length=1, description="tapped layers, shallowest first")
@@ -39,8 +45,6 @@ class CNNPatchParams(PatchKNNParams):
 
 
 class PatchCoreParams(CNNPatchParams):
-    image_size: int | tuple[int, int] = 256
-    crop: int | tuple[int, int] | None = 224
     reweight_neighbors: int | None = Field(
         None, ge=1, description="paper eq. 7 image-score reweighting with b neighbours (None: plain max, as the reference code)"
     )
@@ -53,6 +57,8 @@ def make_cnn_embedder(p: CNNPatchParams) -> LocalPatchEmbedder:
 
 @register_detector
 class PatchCore(PatchKNNDetector):
+    """PatchCore: coreset memory of locally aware patch features, 1-NN patch distances (Roth et al. 2022)."""
+
     name = "patchcore"
     Params = PatchCoreParams
 

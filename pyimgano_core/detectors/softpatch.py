@@ -45,8 +45,6 @@ _GAUSSIAN_RIDGE = 0.01
 class SoftPatchParams(CNNPatchParams):
     """SoftPatch = PatchCore's parameters + patch-level denoising of the training set."""
 
-    image_size: int | tuple[int, int] = Field(256, description="resize target (squash: exact h,w; shorter_side: short edge)")
-    crop: int | tuple[int, int] | None = Field(224, description="centre crop after resize (None = whole image)")
     noise_discriminator: NoiseDiscriminator = Field(
         "lof", description="outlier score of a patch among the training patches at the same grid position: "
         "lof (local outlier factor), nearest (distance to the nearest other patch), gaussian (Mahalanobis distance)")
