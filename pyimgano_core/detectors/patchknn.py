@@ -220,7 +220,7 @@ class PatchKNNDetector(Detector):
     @property
     def geometry(self) -> Geometry:
         p = self.params_
-        return Geometry(size=p.image_size, crop=p.crop, mode=p.resize_mode, multiple=getattr(p, "patch_multiple", None))
+        return Geometry(size=p.image_size, crop=p.crop, mode=p.resize_mode)
 
     def _embedder(self) -> PatchEmbedder:
         if self.embedder is None:
