@@ -85,7 +85,7 @@ def build_model(cfg: ExperimentConfig, split: Split, progress: Progress | None =
     if holdout:
         t0 = time.perf_counter()
         raw = list(score_stream(model, [s.path for s in holdout], progress, f"[{split.name}] calibrating", raw=True))
-        _raise_first_error(raw, [s.path for s in holdout])
+        _raise_first_error(raw)
         maps = [r.amap for r in raw if r.amap is not None]
         if cfg.postprocess.needs_calibration:
             model.postprocess.fit(maps)
@@ -135,7 +135,7 @@ def score_stream(model: Model, images: Sequence, progress: Progress | None = Non
         progress.stop()
 
 
-def _raise_first_error(scored: list[Scored], paths: Sequence) -> None:
+def _raise_first_error(scored: list[Scored]) -> None:
     for s in scored:
         if s.error:
             raise DataError(s.error)
