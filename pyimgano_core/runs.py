@@ -16,7 +16,7 @@ from .config import ExperimentConfig
 from .data import load_splits
 from .data.io import is_image_file
 from .data.types import Split
-from .engine import NullProgress, Progress, build_model, evaluate_split, export_images
+from .engine import Progress, build_model, evaluate_split, export_images
 from .errors import ConfigError, DataError, ModelError, PyimganoError
 from .model import Model
 from .reports import write_json
