@@ -113,12 +113,59 @@ def fit(config: Path, set_: list[str] = SetOpt, out_root: Optional[Path] = OutOp
 
 @app.command("eval")
 def eval_(config: Path, model: Optional[Path] = typer.Option(None, "--model", help="Saved model (or run) folder; fit if absent."),
-          set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt) -> None:
-    """Fit (or load) and evaluate: image and pixel metrics, per defect type, in report.json."""
+          set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+          fail_under: Optional[str] = typer.Option(None, "--fail-under", help="Gates, e.g. image_auroc=0.99,aupro=0.9: "
+                                                   "exit code 6 if any category falls short (reports are still written).")) -> None:
+    """Fit (or load) and evaluate: metrics overall and per defect in report.json, and report.html."""
+    from pyimgano_core.reporting import GATE_EXIT_CODE
+    from pyimgano_core.reporting.gates import check_gates, parse_gates
     from pyimgano_core.runs import eval_run
 
+    gates = _guard(lambda: parse_gates(fail_under))
     summary = _guard(lambda: eval_run(_load(config, set_, out_root), model_arg=model, progress=_progress(quiet, as_json)))
     _print_metrics(summary, as_json, quiet)
+    failures = check_gates(summary, gates)
+    for line in failures:
+        err.print(f"[bold red]gate failed:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    if failures:
+        raise typer.Exit(GATE_EXIT_CODE)
+
+
+@app.command()
+def report(run_dir: Path) -> None:
+    """Rebuild report.html (and a run's index.html, summary.md) from the saved files of an eval."""
+    from pyimgano_core.reporting.rebuild import rebuild
+
+    pages = _guard(lambda: rebuild(run_dir))
+    for page in pages:
+        out.print(f"written: {escape(str(page))}", highlight=False)
+
+
+@app.command()
+def compare(run_a: Path, run_b: Path, tolerance: float = typer.Option(0.005, "--tolerance", min=0.0,
+            help="A drop of more than this (B - A < -tolerance) is a regression."), as_json: bool = JsonOpt) -> None:
+    """Metric differences B - A per category; exit code 6 when B regressed beyond the tolerance."""
+    from pyimgano_core.reporting import GATE_EXIT_CODE, METRIC_NAMES
+    from pyimgano_core.reporting.compare import compare_runs
+
+    result = _guard(lambda: compare_runs(run_a, run_b, tolerance))
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        table = Table(title=f"B - A  (A: {escape(str(run_a))}, B: {escape(str(run_b))}, tolerance {tolerance:g})")
+        for header in ("category", "metric", "A", "B", "B - A", ""):
+            table.add_column(header, justify="left" if header in ("category", "metric", "") else "right")
+        style = {"regression": "[bold red]REGRESSION[/]", "improved": "[green]improved[/]"}
+        for r in result["rows"]:
+            diff = "-" if r["diff"] is None else f"{r['diff']:+.4f}"
+            table.add_row(escape(r["category"]), METRIC_NAMES.get(r["metric"], r.get("why", "")), _fmt(r["a"]), _fmt(r["b"]),
+                          diff, style.get(r["status"], r["status"]))
+        out.print(table)
+        if result["only_in_b"]:
+            out.print(f"only in B: {escape(', '.join(result['only_in_b']))}", highlight=False)
+        out.print(f"{result['n_regressions']} regression(s)", highlight=False)
+    if result["regressed"]:
+        raise typer.Exit(GATE_EXIT_CODE)
 
 
 @app.command("export-maps")

@@ -48,6 +48,7 @@ class CalibrationConfig(Strict):
 class OutputConfig(Strict):
     root: Path = Path("reports")
     save_maps: bool = Field(False, description="eval also writes PNG heatmaps/overlays for the test images")
+    html: bool = Field(True, description="eval also writes report.html per category (and index.html over categories)")
 
 
 class ExperimentConfig(Strict):

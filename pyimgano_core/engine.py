@@ -192,9 +192,11 @@ def _decision_metrics(model: Model, labels, scores, defects, masks, maps) -> dic
 def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: Path, progress: Progress | None = None,
                    fit_timing: dict | None = None) -> dict:
     """Score ``split.test`` once, compute metrics overall and per defect type, write the report."""
+    from .reporting.collect import ReportCollector
     from .reports import versions, write_json, write_jsonl
 
     t_start = time.perf_counter()
+    collector = ReportCollector(cfg.metrics.aupro_fpr_limit)  # curves + worst cases for the report
     samples = split.test
     n = len(samples)
     scores = np.full(n, np.nan, dtype=np.float64)
@@ -207,6 +209,7 @@ def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: P
         sample = samples[s.index]
         scores[s.index] = s.score
         if s.amap is None or not cfg.metrics.pixel or not sample.has_pixel_gt:
+            collector.add(s.index, sample.label, s.score, s.amap, None, s.region)
             continue
         covered.append(s.amap.size / (s.orig_hw[0] * s.orig_hw[1]))
         if sample.mask_path is None:
@@ -223,6 +226,7 @@ def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: P
         pix_maps.append(amap)
         pix_owner.append(s.index)
         pix_region.append((s.region, s.orig_hw))
+        collector.add(s.index, sample.label, s.score, amap, gt, s.region)
     predict_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -241,6 +245,7 @@ def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: P
     decisions = _decision_metrics(model, labels, scores, defects, pix_masks, pix_maps) if model.thresholds else None
     metrics_s = time.perf_counter() - t0
 
+    report_parts = collector.finish(samples, labels, scores, out_dir, _display_range(model))
     maps_written = None
     if cfg.output.save_maps and pix_maps:
         maps_written = _save_eval_maps(model, samples, pix_owner, pix_region, pix_maps, out_dir / "maps")
@@ -248,7 +253,7 @@ def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: P
 
     timing = dict(fit_timing or {})
     timing.update(predict_s=predict_s, predict_s_per_image=predict_s / max(n, 1), metrics_s=metrics_s,
-                  predict_detail=detail)
+                  predict_detail=detail, report_collect_s=collector.seconds)
     timing["total_s"] = timing.get("fit_s", 0.0) + timing.get("calibration_s", 0.0) + time.perf_counter() - t_start
     timing["peak_rss_mb"] = peak_rss_mb()
     geometry = getattr(model.detector, "geometry", None)
@@ -273,6 +278,7 @@ def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: P
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
         "maps": maps_written,
+        **report_parts,  # curves (ROC/PR/PRO points) and worst cases, read by reporting.html
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "predictions.jsonl", (

@@ -17,8 +17,11 @@ from .data import load_splits
 from .data.io import is_image_file
 from .data.types import Split
 from .engine import Progress, build_model, evaluate_split, export_images
-from .errors import ConfigError, DataError, ModelError, PyimganoError
+from .errors import ConfigError, DataError, ModelError, OptionalDependencyError, PyimganoError
 from .model import Model
+from .optional import require
+from .reporting.html import write_page
+from .reporting.summary import write_summary_pages
 from .reports import write_json
 
 METRIC_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")
@@ -100,9 +103,18 @@ def eval_run(cfg: ExperimentConfig, out_root: Path | None = None, model_arg: Pat
         else:
             model, timing = build_model(cfg, split, progress)
         report = evaluate_split(cfg, split, model, out / split.name, progress, timing)
+        if cfg.output.html:
+            write_page(out / split.name)
         return {k: report[k] for k in ("metrics", "per_defect", "decisions", "counts", "timing")} | {"report": str(out / split.name / "report.json")}
 
-    return _loop(cfg, out, "eval", load_splits(cfg.dataset), body)
+    if cfg.output.html:  # before any work: the page's plots need matplotlib
+        try:
+            require("matplotlib", extra="report")
+        except OptionalDependencyError as exc:
+            raise OptionalDependencyError(f"{exc} (or set output.html: false)") from None
+    summary = _loop(cfg, out, "eval", load_splits(cfg.dataset), body)
+    write_summary_pages(out, summary, cfg.output.html)
+    return summary
 
 
 def list_images(folder: Path) -> list[Path]:
