@@ -13,12 +13,14 @@ from typing import Literal, Protocol
 import cv2
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from ..features.geometry import Geometry
 from ..features.loading import iter_batches
+from ..errors import ConfigError, ModelError
 from ..optional import require
 from .base import Detector, DetectorParams, Prediction
+from .knn import IndexKind, KNNIndex  # noqa: F401 - KNNIndex re-exported (it lived here)
 
 Aggregation = Literal["max", "mean", "topk_mean"]
 
@@ -127,56 +129,6 @@ def greedy_coreset(features: np.ndarray, n: int, proj_dim: int = 128, seed: int 
     return picks
 
 
-class KNNIndex:
-    """Exact k-nearest-neighbour search over a memory bank (torch; faiss ``IndexFlat*`` if asked).
-
-    ``metric="l2"`` returns Euclidean distances; ``"cosine"`` returns 1 - cosine similarity
-    (rows are L2-normalised by the index).
-    """
-
-    def __init__(self, metric: Literal["l2", "cosine"] = "l2", backend: Literal["torch", "faiss"] = "torch", device: str = "cpu"):
-        self.metric, self.backend, self.device = metric, backend, device
-
-    def fit(self, bank: np.ndarray) -> "KNNIndex":
-        bank = np.ascontiguousarray(bank, dtype=np.float32)
-        if self.metric == "cosine":
-            bank = bank / np.maximum(np.linalg.norm(bank, axis=1, keepdims=True), 1e-12)
-        if self.backend == "faiss":
-            faiss = require("faiss", extra="faiss")
-            self._faiss = (faiss.IndexFlatL2 if self.metric == "l2" else faiss.IndexFlatIP)(bank.shape[1])
-            self._faiss.add(bank)
-        else:
-            self._bank = torch.from_numpy(bank).to(self.device)
-            self._bank_sq = (self._bank * self._bank).sum(1)
-        return self
-
-    def search(self, queries: np.ndarray | torch.Tensor, k: int = 1, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        q = torch.as_tensor(queries, dtype=torch.float32)
-        if chunk is None:  # queries per block: the (chunk, M) similarity matrix stays under ~256 MB
-            chunk = max(1, min(4096, (1 << 26) // max(len(getattr(self, "_bank", ())), 1)))
-        if self.metric == "cosine":
-            q = torch.nn.functional.normalize(q, dim=1)
-        if self.backend == "faiss":
-            sims, idx = self._faiss.search(np.ascontiguousarray(q.numpy()), k)
-            d = np.sqrt(np.maximum(sims, 0)) if self.metric == "l2" else 1.0 - sims
-            return d.astype(np.float32), idx.astype(np.int64)
-        dists, inds = [], []
-        for s in range(0, len(q), chunk):
-            qc = q[s : s + chunk].to(self.device)
-            sim = qc @ self._bank.T  # (chunk, M)
-            if self.metric == "l2":
-                # |q - m|^2 = |q|^2 - 2 q.m + |m|^2; clamp rounding negatives before the sqrt
-                score = sim.mul_(-2).add_(self._bank_sq).add_((qc * qc).sum(1, keepdim=True))
-                v, i = torch.topk(score, k, dim=1, largest=False)
-                v = v.clamp_(min=0).sqrt_()
-            else:
-                v, i = torch.topk(sim, k, dim=1, largest=True)
-                v = 1.0 - v
-            dists.append(v.cpu())
-            inds.append(i.cpu())
-        return torch.cat(dists).numpy(), torch.cat(inds).numpy()
-
-
 # ---------------------------------------------------------------------------- base detector
 class PatchKNNParams(DetectorParams):
     """Parameters shared by every patch-kNN detector (geometry, scoring, maps, search)."""
@@ -187,10 +139,38 @@ class PatchKNNParams(DetectorParams):
     aggregation: Aggregation = Field("max", description="image score from patch scores")
     topk_ratio: float = Field(0.01, gt=0, le=1, description="share of patches averaged by topk_mean")
     blur_sigma: float = Field(4.0, ge=0, description="Gaussian sigma (model-input pixels) applied to maps")
-    knn_backend: Literal["torch", "faiss"] = "torch"
+    knn_backend: Literal["torch", "faiss"] = Field("torch", description="engine of the exact search (knn_index: exact)")
+    knn_index: IndexKind = Field("exact", description="nearest-neighbour search: exact, or approximate faiss hnsw / ivf "
+                                 "(sub-linear in the bank; can only over-estimate a distance)")
+    hnsw_m: int = Field(32, ge=4, le=256, description="hnsw: graph links per entry")
+    hnsw_ef_construction: int = Field(80, ge=8, le=4096, description="hnsw: candidate list size while building")
+    hnsw_ef_search: int = Field(64, ge=1, le=4096, description="hnsw: candidate list size per query (recall vs time)")
+    ivf_nlist: int | None = Field(None, ge=1, description="ivf: k-means lists (None: 4*sqrt(entries)); at most the entries")
+    ivf_nprobe: int = Field(8, ge=1, description="ivf: lists visited per query (recall vs time); at most ivf_nlist")
     batch_size: int = Field(8, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
     seed: int = 0
+
+    @field_validator("ivf_nprobe")
+    @classmethod
+    def _nprobe_within_nlist(cls, v: int, info):
+        nlist = info.data.get("ivf_nlist")
+        if nlist is not None and v > nlist:
+            raise ValueError(f"ivf_nprobe={v} visits more lists than ivf_nlist={nlist}")
+        return v
+
+    @model_validator(mode="after")
+    def _index_options_apply(self):
+        # No dead options: a search parameter of another index kind would silently do nothing.
+        defaults = type(self).model_fields
+        for name, kind in _INDEX_OPTIONS.items():
+            if kind != self.knn_index and getattr(self, name) != defaults[name].default:
+                raise ValueError(f"{name} only applies to knn_index: {kind} (knn_index is {self.knn_index})")
+        return self
+
+
+_INDEX_OPTIONS = {"knn_backend": "exact", "hnsw_m": "hnsw", "hnsw_ef_construction": "hnsw", "hnsw_ef_search": "hnsw",
+                  "ivf_nlist": "ivf", "ivf_nprobe": "ivf"}
 
 
 class PatchKNNDetector(Detector):
@@ -253,15 +233,40 @@ class PatchKNNDetector(Detector):
             raise ValueError("training images give patch grids of different sizes; use a fixed image_size (squash)")
         feats = np.concatenate(chunks).reshape(-1, chunks[0].shape[-1])  # (N*h*w, D)
         del chunks
+        self._check_index_fits(len(feats))
         t0 = time.perf_counter()
         self._build_memory(feats, grid_hw)
         self.timing_["memory_s"] = time.perf_counter() - t0
         self.n_train_patches_ = int(len(feats))
         self._index = None
 
+    def fit(self, images) -> "PatchKNNDetector":
+        if self.Params.model_validate(self.params).knn_index != "exact":
+            require("faiss", extra="faiss")  # before the long work
+        super().fit(images)
+        self._index = None
+        if self.params_.knn_index != "exact":  # built now: its cost is fit time, bad sizes fail here
+            t0 = time.perf_counter()
+            self._knn()
+            self.timing_["index_s"] = time.perf_counter() - t0
+        return self
+
+    def _check_index_fits(self, n_patches: int) -> None:
+        """Fail before the memory bank is built when it cannot hold ``ivf_nlist`` lists (<= n_patches entries)."""
+        p = self.params_
+        if p.knn_index == "ivf" and p.ivf_nlist is not None and p.ivf_nlist > n_patches:
+            raise ConfigError(f"detector.params.ivf_nlist={p.ivf_nlist} is more than the {n_patches} training patches "
+                              "the memory bank is drawn from")
+
+    def _new_index(self) -> KNNIndex:
+        p = self.params_
+        return KNNIndex(self.metric, p.knn_backend, p.device, p.knn_index, hnsw_m=p.hnsw_m,
+                        hnsw_ef_construction=p.hnsw_ef_construction, hnsw_ef_search=p.hnsw_ef_search,
+                        ivf_nlist=p.ivf_nlist, ivf_nprobe=p.ivf_nprobe)
+
     def _knn(self) -> KNNIndex:
         if getattr(self, "_index", None) is None:
-            self._index = KNNIndex(self.metric, self.params_.knn_backend, self.params_.device).fit(self.memory_)
+            self._index = self._new_index().fit(self.memory_)
         return self._index
 
     def _predict(self, images: list) -> Prediction:
@@ -298,10 +303,17 @@ class PatchKNNDetector(Detector):
     # -- persistence ---------------------------------------------------------------------
     def state(self):
         self.check_fitted()
-        return {"memory_": self.memory_}, {"n_train_patches_": self.n_train_patches_}
+        arrays, extras = {"memory_": self.memory_}, {"n_train_patches_": self.n_train_patches_}
+        if self.params_.knn_index != "exact":  # the faiss index's own bytes (no pickle), with a checksum
+            arrays["knn_index_"], extras["knn_index_sha256"] = self._knn().to_array()
+        return arrays, extras
 
     def load_state(self, arrays, extras) -> None:
         super().load_state(arrays, extras)
         self.memory_ = arrays["memory_"]
         self.n_train_patches_ = int(extras["n_train_patches_"])
         self._index = None
+        if self.params_.knn_index != "exact":
+            if "knn_index_" not in arrays or "knn_index_sha256" not in extras:
+                raise ModelError(f"model has knn_index: {self.params_.knn_index} but no saved index (arrays.npz: knn_index_)")
+            self._index = self._new_index().load_array(self.memory_, arrays["knn_index_"], extras["knn_index_sha256"])

@@ -1,0 +1,157 @@
+"""Approximate nearest-neighbour indexes (faiss HNSW / IVF): recall, exactness limits, parameter
+validation, pickle-free save/load and a corrupt saved index. Skipped without the 'faiss' extra."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pyimgano_cli.app import app
+from pyimgano_core.config import validate_config
+from pyimgano_core.detectors import create_detector
+from pyimgano_core.detectors.knn import KNNIndex, default_nlist
+from pyimgano_core.errors import ConfigError, ModelError
+from pyimgano_core.model import Model
+from tests.helpers import PixelEmbedder, write_config
+from tests.synth import make_mvtec_tree, normal_image, plant_blob
+
+pytest.importorskip("faiss", reason="faiss-cpu not installed (pip install 'pyimgano[faiss]')")
+
+
+def _clustered(rng, n, d=32, centers=40):
+    """Data with cluster structure, like patch features (uniform noise makes ANN look worse than it is)."""
+    c = rng.normal(size=(centers, d)) * 3
+    return (c[rng.integers(centers, size=n)] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+def _brute(bank, q, metric):
+    if metric == "cosine":
+        bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        d = 1 - q.astype(np.float64) @ bank.T.astype(np.float64)
+    else:
+        d = np.sqrt(((q[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1))
+    return d
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("kind,opts", [("hnsw", {}), ("ivf", {})])
+def test_approximate_search_recall_and_only_overestimates(metric, kind, opts):
+    rng = np.random.default_rng(0)
+    bank, q = _clustered(rng, 3000), _clustered(rng, 400)
+    ref = _brute(bank, q, metric)
+    d, i = KNNIndex(metric, kind=kind, **opts).fit(bank).search(q, k=3)
+    assert d.shape == i.shape == (400, 3) and d.dtype == np.float32 and i.dtype == np.int64
+    recall1 = np.mean(i[:, 0] == ref.argmin(1))
+    assert recall1 >= 0.9, recall1
+    # the distance returned is the true distance to the entry returned ...
+    np.testing.assert_allclose(d, np.take_along_axis(ref, i, 1), rtol=1e-4, atol=1e-4)
+    # ... so it can only over-estimate the true nearest distance
+    assert (d[:, 0] >= ref.min(1) - 1e-4).all()
+    assert (np.diff(d, axis=1) >= -1e-5).all()
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_exhaustive_settings_equal_exact_search(metric):
+    rng = np.random.default_rng(1)
+    bank, q = _clustered(rng, 800), _clustered(rng, 200)
+    de, ie = KNNIndex(metric).fit(bank).search(q, k=2)
+    # IVF visiting every list is an exhaustive scan; HNSW with a candidate list >= the bank too
+    for idx in (KNNIndex(metric, kind="ivf", ivf_nlist=8, ivf_nprobe=8),
+                KNNIndex(metric, kind="hnsw", hnsw_ef_search=1024)):
+        d, i = idx.fit(bank).search(q, k=2)
+        np.testing.assert_array_equal(i, ie)
+        np.testing.assert_allclose(d, de, rtol=1e-4, atol=1e-4)
+
+
+def test_ivf_rows_missing_neighbours_fall_back_to_exact():
+    rng = np.random.default_rng(2)
+    bank, q = _clustered(rng, 400, centers=4), _clustered(rng, 50, centers=4)
+    # 16 tiny lists, one visited, k larger than most lists: faiss returns -1 there
+    d, i = KNNIndex(kind="ivf", ivf_nlist=16, ivf_nprobe=1).fit(bank).search(q, k=60)
+    assert (i >= 0).all()
+    ref = _brute(bank, q, "l2")
+    np.testing.assert_allclose(d, np.take_along_axis(ref, i, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_default_nlist():
+    assert default_nlist(16385) == 420 and default_nlist(157000) == 1585 and default_nlist(100) == 2 and default_nlist(10) == 1
+
+
+def test_ivf_more_lists_than_entries_is_config_error():
+    bank = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    with pytest.raises(ConfigError, match=r"detector\.params\.ivf_nlist=64 .* 50 memory entries"):
+        KNNIndex(kind="ivf", ivf_nlist=64, ivf_nprobe=4).fit(bank)
+
+
+def _detector(**kw):
+    return create_detector("patchcore", embedder=PixelEmbedder(), image_size=40, crop=None, coreset_ratio=0.5, **kw)
+
+
+def _images(seed=3):
+    rng = np.random.default_rng(seed)
+    train = [normal_image(rng, (40, 40)) for _ in range(6)]
+    test = [normal_image(rng, (40, 40)) for _ in range(3)]
+    plant_blob(test[2], rng, bright=True)
+    return train, test
+
+
+@pytest.mark.parametrize("kw", [dict(knn_index="hnsw", hnsw_ef_search=512), dict(knn_index="ivf", ivf_nlist=4, ivf_nprobe=4)])
+def test_detector_exhaustive_approximate_scores_like_exact_and_save_load(kw, tmp_path):
+    train, test = _images()
+    exact = _detector().fit(train).predict(test)
+    det = _detector(**kw).fit(train)
+    assert "index_s" in det.timing_
+    approx = det.predict(test)
+    np.testing.assert_allclose(approx.scores, exact.scores, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(approx.maps, exact.maps, rtol=1e-3, atol=1e-4)
+    Model(det).save(tmp_path / "m")
+    with np.load(tmp_path / "m/arrays.npz", allow_pickle=False) as z:
+        assert z["knn_index_"].dtype == np.uint8 and z["knn_index_"].size > 0
+    again = Model.load(tmp_path / "m", embedder=PixelEmbedder()).detector.predict(test)
+    np.testing.assert_array_equal(again.scores, approx.scores)
+
+
+def test_ivf_nlist_beyond_training_patches_fails_before_the_memory_bank():
+    train, _ = _images()  # 6 images x 10x10 patches = 600 training patches
+    with pytest.raises(ConfigError, match=r"ivf_nlist=1000 .* 600 training patches"):
+        _detector(knn_index="ivf", ivf_nlist=1000, ivf_nprobe=8).fit(train)
+    with pytest.raises(ConfigError, match=r"ivf_nlist=400 .* 300 memory entries"):  # 50% coreset
+        _detector(knn_index="ivf", ivf_nlist=400, ivf_nprobe=8).fit(train)
+
+
+@pytest.mark.parametrize("params,field", [
+    ({"knn_index": "ivf", "ivf_nlist": 4, "ivf_nprobe": 8}, "ivf_nprobe=8"),
+    ({"knn_index": "exact", "hnsw_m": 16}, "hnsw_m only applies to knn_index: hnsw"),
+    ({"knn_index": "hnsw", "ivf_nprobe": 4}, "ivf_nprobe only applies to knn_index: ivf"),
+    ({"knn_index": "hnsw", "hnsw_ef_search": 0}, "hnsw_ef_search"),
+    ({"knn_index": "annoy"}, "knn_index"),
+])
+def test_bad_index_parameters_are_config_errors_naming_the_field(params, field):
+    cfg = {"name": "t", "dataset": {"type": "mvtec_ad", "root": ".", "category": "bottle"},
+           "detector": {"name": "patchcore", "params": params}}
+    with pytest.raises(ConfigError, match=field) as e:
+        validate_config(cfg)
+    assert "detector.params" in str(e.value)
+
+
+def test_corrupt_saved_index_is_one_line_exit_4(tmp_path):
+    tree = make_mvtec_tree(tmp_path / "data", n_train=6, n_test_good=2)
+    params = {"backbone": "resnet18", "layers": ["layer1", "layer2"], "weights": None, "image_size": 64, "crop": None,
+              "coreset_ratio": 0.5, "pretrain_embed_dim": 64, "target_embed_dim": 64, "knn_index": "hnsw"}
+    cfg = write_config(tmp_path / "c.yaml", tree, params=params)
+    runner = CliRunner()
+    assert runner.invoke(app, ["fit", str(cfg), "--out", str(tmp_path / "m"), "-q"]).exit_code == 0
+    folder = next((tmp_path / "m").rglob("model.json")).parent
+    with np.load(folder / "arrays.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["knn_index_"] = arrays["knn_index_"].copy()
+    arrays["knn_index_"][len(arrays["knn_index_"]) // 2] ^= 0xFF
+    np.savez(folder / "arrays.npz", **arrays)
+    res = runner.invoke(app, ["eval", str(cfg), "--model", str(folder.parent.parent), "--out", str(tmp_path / "o"), "-q"])
+    assert res.exit_code == 4, res.output
+    assert "corrupt" in res.output and "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    doc = json.loads((folder / "model.json").read_text())
+    assert len(doc["state"]["knn_index_sha256"]) == 64
