@@ -169,14 +169,28 @@ def compare(run_a: Path, run_b: Path, tolerance: float = typer.Option(0.005, "--
 
 
 @app.command("export-maps")
-def export_maps(config: Path, model: Optional[Path] = typer.Option(None, "--model", help="Saved model (or run) folder; fit if absent."),
+def export_maps(config: Optional[Path] = typer.Argument(None, help="Experiment config (optional with --model and --input)."),
+                model: Optional[Path] = typer.Option(None, "--model", help="Saved model (or run) folder; fit if absent."),
                 input_dir: Optional[Path] = typer.Option(None, "--input", help="Folder of images to score (default: the test split)."),
+                runtime: str = typer.Option("torch", "--runtime", help="torch, or onnx: the graph from 'pyimgano export-onnx' on onnxruntime (needs --model)."),
                 set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt) -> None:
     """Write heatmap overlays, raw maps, defect masks and predictions.jsonl."""
-    from pyimgano_core.runs import export_run
+    from pyimgano_core.runs import export_folder_run, export_run
 
-    summary = _guard(lambda: export_run(_load(config, set_, out_root), model_arg=model, input_dir=input_dir,
-                                        progress=_progress(quiet, as_json)))
+    def body():
+        if config is not None:
+            return export_run(_load(config, set_, out_root), model_arg=model, input_dir=input_dir,
+                              progress=_progress(quiet, as_json), runtime=runtime)
+        from pyimgano_core.errors import ConfigError
+
+        if model is None or input_dir is None or set_:
+            raise ConfigError("export-maps without a config needs --model and --input (and takes no --set)")
+        if runtime not in ("torch", "onnx"):
+            raise ConfigError(f"--runtime must be torch or onnx, got {runtime!r}")
+        # no config: nothing imports torch on the onnx runtime (inspection servers)
+        return export_folder_run(model, input_dir, out_root, _progress(quiet, as_json), runtime)
+
+    summary = _guard(body)
     failed = sum(r.get("n_failed", 0) for r in summary["categories"].values())
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
@@ -189,6 +203,23 @@ def export_maps(config: Path, model: Optional[Path] = typer.Option(None, "--mode
     if failed:
         err.print(f"[bold red]error:[/] {failed} image(s) could not be read; all others were exported")
         raise typer.Exit(3)
+
+
+@app.command("export-onnx")
+def export_onnx(model_dir: Path, out_file: Optional[Path] = typer.Option(None, "--out", help="ONNX file (default: MODEL_DIR/model.onnx)."),
+                opset: int = typer.Option(17, "--opset", help="ONNX opset (13-20)."), as_json: bool = JsonOpt) -> None:
+    """Export a fitted patch-kNN model to one ONNX graph, kept only if onnxruntime matches torch."""
+    from pyimgano_core.deploy.onnx_export import export_onnx as run
+
+    info = _guard(lambda: run(model_dir, out_file, opset))
+    if as_json:
+        sys.stdout.write(json.dumps(info, default=str) + "\n")
+        return
+    p = info["parity"]
+    out.print(escape(f"wrote {info['file']} (sha256 {info['sha256'][:12]}..., input uint8 {info['inputs'][0]['shape']})"), highlight=False)
+    out.print(escape(f"parity on {p['n_images']} {p['images']}: largest relative difference score {p['max_score_rel_diff']:.2g}, "
+                     f"map {p['max_map_rel_diff']:.2g} (tolerance {p['rtol']:g})"
+                     + (f", {p['decision_flips']} decision flips" if p["decision_flips"] is not None else "")), highlight=False)
 
 
 @app.command()

@@ -13,22 +13,23 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import cv2
 import numpy as np
 
 from . import metrics as M
 from .calibration import fit_thresholds, split_holdout
-from .config import ExperimentConfig
 from .data.io import read_image, read_mask
 from .data.shots import select_shots
 from .data.types import Split
-from .detectors import create_detector
 from .errors import ConfigError, DataError
 from .features.geometry import map_to_original
-from .model import Model
 from .postprocess import AnomalyMapPostprocess
+
+if TYPE_CHECKING:  # importing the engine must not import torch (the ONNX runtime scores through it)
+    from .config import ExperimentConfig
+    from .model import Model
 
 CHUNK = 32  # images per predict call: bounds memory, gives progress ticks
 
@@ -64,6 +65,9 @@ def peak_rss_mb() -> float:
 # ---------------------------------------------------------------------------------- fitting
 def build_model(cfg: ExperimentConfig, split: Split, progress: Progress | None = None) -> tuple[Model, dict]:
     """Fit the configured detector on ``split.train`` (minus the calibration holdout)."""
+    from .detectors import create_detector
+    from .model import Model
+
     progress = progress or NullProgress()
     if cfg.postprocess.needs_calibration and cfg.calibration is None:
         raise ConfigError(f"postprocess.normalize={cfg.postprocess.normalize} needs a 'calibration' section (held-out normal images)")

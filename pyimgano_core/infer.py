@@ -4,18 +4,27 @@
 >>> inspector = load_model("reports/my_line/part/model")       # doctest: +SKIP
 >>> result = inspector.predict("incoming/0001.png")             # doctest: +SKIP
 >>> result.score, result.is_anomalous, result.anomaly_map.shape, result.mask.sum()  # doctest: +SKIP
+
+On a server without torch, after ``pyimgano export-onnx MODEL_DIR``:
+
+>>> inspector = load_model("reports/my_line/part/model", runtime="onnx")  # doctest: +SKIP
+
+That path (this module, the engine's scoring loop, ``deploy/onnx_runtime.py``) imports no torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal
 
 import numpy as np
 
 from .engine import score_stream
-from .errors import DataError
-from .model import Model
+from .errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from .deploy.onnx_runtime import OnnxModel
+    from .model import Model
 
 
 @dataclass
@@ -29,7 +38,7 @@ class Inspection:
 
 
 class Inspector:
-    def __init__(self, model: Model):
+    def __init__(self, model: Model | OnnxModel):
         self.model = model
 
     def predict(self, image: str | Path | np.ndarray) -> Inspection:
@@ -51,6 +60,19 @@ class Inspector:
             yield Inspection(s.score, None if thr is None else bool(s.score >= thr.image), full, mask)
 
 
-def load_model(folder: str | Path) -> Inspector:
-    """Load a model folder written by ``pyimgano fit`` (no code is executed while loading)."""
+def load_model(folder: str | Path, runtime: Literal["torch", "onnx"] = "torch") -> Inspector:
+    """Load a model folder written by ``pyimgano fit`` (no code is executed while loading).
+
+    ``runtime="onnx"`` scores with the graph written by ``pyimgano export-onnx`` on onnxruntime
+    (no torch import; the graph's sha256 must match model.json); thresholds and post-processing
+    are the same as with ``runtime="torch"``.
+    """
+    if runtime == "onnx":
+        from .deploy.onnx_runtime import load_onnx_model
+
+        return Inspector(load_onnx_model(folder))
+    if runtime != "torch":
+        raise ConfigError(f"runtime must be 'torch' or 'onnx', got {runtime!r}")
+    from .model import Model
+
     return Inspector(Model.load(folder))

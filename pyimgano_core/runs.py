@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import ExperimentConfig
 from .data import load_splits
 from .data.io import is_image_file
 from .data.types import Split
 from .engine import Progress, build_model, evaluate_split, export_images
 from .errors import ConfigError, DataError, ModelError, OptionalDependencyError, PyimganoError
-from .model import Model
 from .optional import require
 from .reporting.html import write_page
 from .reporting.summary import write_summary_pages
 from .reports import write_json
+
+if TYPE_CHECKING:  # export-maps --runtime onnx without a config must not import torch
+    from .config import ExperimentConfig
+    from .model import Model
 
 METRIC_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")
 
@@ -40,13 +43,30 @@ def find_model(model_arg: Path, category: str) -> Path:
     raise ModelError(f"No saved model for category {category!r} under {model_arg} (expected model.json there or in {category}/model/)")
 
 
-def _load_model(cfg: ExperimentConfig, model_arg: Path, category: str) -> Model:
+def load_for_runtime(folder: Path, runtime: str = "torch"):
+    """A saved model for the torch path (:class:`Model`) or for onnxruntime (``deploy.onnx_runtime``)."""
+    if runtime == "onnx":
+        from .deploy.onnx_runtime import load_onnx_model
+
+        return load_onnx_model(folder)
+    from .model import Model
+
+    return Model.load(folder)
+
+
+def _saved_params(model) -> dict:
+    fitted = getattr(model.detector, "params_", None)  # torch detector; the ONNX one keeps model.json's dict
+    params = fitted.model_dump(mode="json") if fitted is not None else model.detector.params
+    return {k: v for k, v in params.items() if k != "seed"}
+
+
+def _load_model(cfg: ExperimentConfig, model_arg: Path, category: str, runtime: str = "torch") -> Model:
     folder = find_model(model_arg, category)
-    model = Model.load(folder)
+    model = load_for_runtime(folder, runtime)
     if model.detector.name != cfg.detector.name:
         raise ModelError(f"{folder}: saved model is {model.detector.name!r} but the config asks for {cfg.detector.name!r}")
     # A saved model is used as fitted: refuse, rather than silently ignore, a config that differs.
-    saved = {k: v for k, v in model.detector.params_.model_dump(mode="json").items() if k != "seed"}
+    saved = _saved_params(model)
     diff = sorted(k for k in set(saved) | set(cfg.detector.params) if saved.get(k) != cfg.detector.params.get(k))
     if diff:
         raise ModelError(f"{folder}: saved with other detector.params ({', '.join(f'{k}={saved.get(k)!r}' for k in diff[:4])}) "
@@ -127,29 +147,45 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def export_run(cfg: ExperimentConfig, out_root: Path | None = None, model_arg: Path | None = None,
-               input_dir: Path | None = None, progress: Progress | None = None) -> dict:
-    """Maps for the test split of each category, or for every image under ``input_dir``."""
+               input_dir: Path | None = None, progress: Progress | None = None, runtime: str = "torch") -> dict:
+    """Maps for the test split of each category, or for every image under ``input_dir``.
+
+    ``runtime="onnx"`` scores with the exported ONNX graph (needs ``model_arg``)."""
     out = run_dir(cfg, out_root)
+    if runtime not in ("torch", "onnx"):
+        raise ConfigError(f"--runtime must be torch or onnx, got {runtime!r}")
+    if runtime == "onnx" and model_arg is None:
+        raise ConfigError(f"--runtime {runtime} needs --model (a model folder exported with 'pyimgano export-onnx')")
     images = list_images(Path(input_dir)) if input_dir is not None else None
     if images is not None and model_arg is not None:
-        # Scoring a folder with a saved model needs no dataset at all.
-        model = Model.load(model_arg if (Path(model_arg) / "model.json").is_file() else _single_model(model_arg))
-        category = model.meta.get("category", "input")
-        summary = export_images(model, images, out / category / "export", progress, base=Path(input_dir))
-        write_json(out / "summary.json", {"name": cfg.name, "command": "export-maps", "status": "ok", "categories": {category: summary}})
-        return {"name": cfg.name, "status": "ok", "categories": {category: summary}}
+        return export_folder_run(model_arg, input_dir, out_root or cfg.output.root, progress, runtime, cfg.name)
     splits = load_splits(cfg.dataset)
     if images is not None and len(splits) != 1:
         raise ConfigError(f"--input needs a config with one category (or --model); this one has {len(splits)}")
 
     def body(split: Split) -> dict:
-        model = _load_model(cfg, model_arg, split.name) if model_arg is not None else build_model(cfg, split, progress)[0]
+        model = _load_model(cfg, model_arg, split.name, runtime) if model_arg is not None else build_model(cfg, split, progress)[0]
         if images is not None:
             return export_images(model, images, out / split.name / "export", progress, base=Path(input_dir))
         paths = [s.path for s in split.test]
         return export_images(model, paths, out / split.name / "maps", progress, base=_common_root(paths))
 
     return _loop(cfg, out, "export-maps", splits, body)
+
+
+def export_folder_run(model_arg: Path, input_dir: Path, out_root: Path | None = None, progress: Progress | None = None,
+                      runtime: str = "torch", name: str = "export") -> dict:
+    """Maps for every image under ``input_dir`` with a saved model: no config, no dataset.
+
+    Outputs go to ``<out_root>/<name>/<category>/export``. With ``runtime="onnx"`` nothing here imports torch.
+    """
+    out = Path(out_root or "reports") / name
+    images = list_images(Path(input_dir))
+    model = load_for_runtime(model_arg if (Path(model_arg) / "model.json").is_file() else _single_model(model_arg), runtime)
+    category = model.meta.get("category", "input")
+    summary = export_images(model, images, out / category / "export", progress, base=Path(input_dir))
+    write_json(out / "summary.json", {"name": name, "command": "export-maps", "status": "ok", "categories": {category: summary}})
+    return {"name": name, "status": "ok", "categories": {category: summary}}
 
 
 def _single_model(model_arg: Path) -> Path:

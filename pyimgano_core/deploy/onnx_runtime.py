@@ -1,0 +1,152 @@
+"""The torch-free inference path: an exported model folder scored with onnxruntime + numpy/cv2.
+
+``load_onnx_model(folder)`` reads ``model.json`` (thresholds, post-processing, the ``onnx``
+section written by ``pyimgano export-onnx``), checks the graph file's sha256 and returns an
+:class:`OnnxModel` that the engine scores like a torch :class:`~pyimgano_core.model.Model`:
+resizing/cropping (``features/geometry.py``), mapping maps back to the original image,
+post-processing and thresholds are the very same numpy code; only the network, the
+nearest-neighbour search, upsampling and blur run inside the ONNX graph.
+
+Importing this module (and running it) never imports torch: it is meant for inspection
+servers with numpy, OpenCV and onnxruntime only (tests/test_onnx.py checks this).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..calibration import Thresholds
+from ..errors import DataError, ModelError
+from ..features.geometry import Geometry
+from ..optional import require
+from ..postprocess import AnomalyMapPostprocess
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("score", "map", "patch_scores")
+
+
+@dataclass
+class OnnxPrediction:
+    """The fields of ``detectors.base.Prediction`` the engine reads (that module imports torch)."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+    boxes: np.ndarray
+    orig_hw: np.ndarray
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+class OnnxDetector:
+    """An exported patch-kNN detector: ``predict(images)`` as the torch detector's, on onnxruntime."""
+
+    def __init__(self, session, name: str, params: dict, geometry: Geometry, input_hw: tuple[int, int]):
+        self.session, self.name, self.params = session, name, params
+        self.geometry, self.input_hw = geometry, input_hw
+
+    def _prepare(self, item) -> tuple[np.ndarray, tuple, tuple[int, int]]:
+        from ..data.io import read_image
+
+        image = read_image(item) if isinstance(item, (str, Path)) else np.asarray(item)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise DataError(f"images must be HxWx3 uint8 arrays or paths, got {image.dtype} {image.shape}")
+        hw = image.shape[:2]
+        x = self.geometry.apply(image)
+        if x.shape[:2] != self.input_hw:
+            raise DataError(f"{item if isinstance(item, (str, Path)) else 'image'} ({hw[1]}x{hw[0]}) gives a "
+                            f"{x.shape[1]}x{x.shape[0]} model input but the ONNX graph takes {self.input_hw[1]}x{self.input_hw[0]} "
+                            f"(resize_mode {self.geometry.mode}); export again from images of this size")
+        return x, self.geometry.box(hw), hw
+
+    def predict(self, images: Sequence) -> OnnxPrediction:
+        t0 = time.perf_counter()
+        items = [self._prepare(im) for im in images]
+        t1 = time.perf_counter()
+        scores, maps, _ = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.stack([it[0] for it in items])})
+        t2 = time.perf_counter()
+        return OnnxPrediction(scores=np.asarray(scores, np.float32), maps=np.asarray(maps, np.float32),
+                              boxes=np.array([it[1] for it in items], dtype=np.float64),
+                              orig_hw=np.array([it[2] for it in items], dtype=np.int64),
+                              timing={"load_s": t1 - t0, "onnx_s": t2 - t1})
+
+
+@dataclass
+class OnnxModel:
+    """What the engine needs of a model (detector, postprocess, thresholds, meta), ONNX-backed."""
+
+    detector: OnnxDetector
+    postprocess: AnomalyMapPostprocess
+    thresholds: Thresholds | None
+    meta: dict[str, Any]
+    onnx: dict[str, Any]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def onnx_path(folder: Path, info: dict) -> Path:
+    """The graph file named in the ``onnx`` section (relative paths are inside the model folder)."""
+    p = Path(info["file"])
+    return p if p.is_absolute() else folder / p
+
+
+def read_doc(folder: str | Path) -> dict:
+    meta_path = Path(folder) / "model.json"
+    if not meta_path.is_file():
+        raise ModelError(f"Not a pyimgano model folder (no model.json): {folder}")
+    try:
+        return json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{meta_path}: unreadable model.json ({exc})") from None
+
+
+def session_from_bytes(data: bytes, threads: int | None = None):
+    ort = require("onnxruntime", extra="onnx")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - a graph onnxruntime rejects
+        raise ModelError(f"onnxruntime cannot load the graph: {str(exc).splitlines()[0]}") from None
+
+
+def build_onnx_model(doc: dict, info: dict, session) -> OnnxModel:
+    """An :class:`OnnxModel` from a model.json document, its ``onnx`` section and a session."""
+    geometry = Geometry(**info["geometry"])
+    det = OnnxDetector(session, doc["detector"], doc["params"], geometry, tuple(int(v) for v in info["input_hw"]))
+    post = AnomalyMapPostprocess.from_state(doc["postprocess"])
+    thr = Thresholds(**doc["thresholds"]) if doc.get("thresholds") else None
+    return OnnxModel(det, post, thr, doc.get("meta", {}), info)
+
+
+def load_onnx_model(folder: str | Path, threads: int | None = None) -> OnnxModel:
+    """Load an exported model folder for onnxruntime; refuse a graph whose sha256 differs from model.json's.
+
+    ``threads``: onnxruntime intra-op threads (default: onnxruntime's, one per physical core).
+    """
+    folder = Path(folder)
+    doc = read_doc(folder)
+    info = doc.get("onnx")
+    if not info:
+        raise ModelError(f"{folder}: no ONNX graph recorded in model.json; run: pyimgano export-onnx {folder}")
+    path = onnx_path(folder, info)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{folder}: cannot read the ONNX graph {path} ({exc.strerror or exc})") from None
+    digest = sha256_bytes(data)
+    if digest != info.get("sha256"):
+        raise ModelError(f"{path}: sha256 {digest[:12]}... does not match {str(info.get('sha256'))[:12]}... recorded in "
+                         f"model.json: the graph was changed after export; refusing it (run pyimgano export-onnx again)")
+    try:
+        return build_onnx_model(doc, info, session_from_bytes(data, threads))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{folder}: model.json is incomplete for the ONNX runtime ({type(exc).__name__}: {exc})") from None

@@ -1,0 +1,240 @@
+"""ONNX export: graph pieces against their references, parity per supported detector setting,
+refusals (unsupported models, tampered graphs, parity failures) and the torch-free runtime."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from pyimgano_cli.app import app
+from pyimgano_core.calibration import fit_thresholds
+from pyimgano_core.deploy.graph import AdaptiveAvgPool1d, GaussianBlur, LocalPatchHead, reflect_indices
+from pyimgano_core.detectors import create_detector
+from pyimgano_core.detectors.patchknn import upsample
+from pyimgano_core.errors import ModelError
+from pyimgano_core.infer import load_model
+from pyimgano_core.model import Model
+from tests.helpers import write_config
+from tests.synth import make_mvtec_tree, normal_image, write_image
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from pyimgano_core.deploy import onnx_export  # noqa: E402
+from pyimgano_core.deploy.onnx_export import export_onnx  # noqa: E402
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+CNN = dict(backbone="mobilenet_v2", layers=["features.3", "features.6"], weights=None, image_size=48, crop=None,
+           coreset_ratio=0.5, pretrain_embed_dim=40, target_embed_dim=32)
+SETTINGS = {
+    "patchcore_max": ("patchcore", CNN),
+    "patchcore_topk_mean_no_blur": ("patchcore", dict(CNN, aggregation="topk_mean", topk_ratio=0.1, blur_sigma=0.0)),
+    "softpatch_soft_weights": ("softpatch", CNN),
+    "softpatch_hard_filter_crop": ("softpatch", dict(CNN, soft_weight=False, noise_discriminator="nearest", image_size=56, crop=48)),
+    "anomalydino_cnn": ("anomalydino", dict(backbone="torchvision:mobilenet_v2", layers=["features.3", "features.6"],
+                                            weights=None, image_size=48)),
+}
+
+
+# ------------------------------------------------------------------ graph pieces vs references
+@pytest.mark.parametrize("n,pad", [(7, 3), (5, 5), (3, 7)])
+def test_reflect_indices_match_cv2_border_reflect(n, pad):
+    ref = [cv2.borderInterpolate(i, n, cv2.BORDER_REFLECT) for i in range(-pad, n + pad)]
+    assert reflect_indices(n, pad).tolist() == ref
+
+
+@pytest.mark.parametrize("sigma,hw", [(4.0, (40, 56)), (1.5, (9, 12))])
+def test_blur_matches_cv2_gaussian_blur(sigma, hw):
+    m = np.random.default_rng(0).random((2, *hw)).astype(np.float32)
+    got = GaussianBlur(sigma, hw)(torch.from_numpy(m)).numpy()
+    r = int(4 * sigma + 0.5)
+    ref = np.stack([cv2.GaussianBlur(x, (2 * r + 1, 2 * r + 1), sigma, borderType=cv2.BORDER_REFLECT) for x in m])
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("length,out", [(288, 40), (27, 64), (100, 100), (96, 32)])
+def test_adaptive_pool_equals_torch(length, out):
+    x = torch.randn(3, 5, length)
+    np.testing.assert_array_equal(AdaptiveAvgPool1d(length, out)(x).numpy(), F.adaptive_avg_pool1d(x.view(-1, 1, length), out).view(3, 5, out).numpy())
+
+
+def test_local_patch_head_equals_embedder_and_upsampling_equals_cv2():
+    from pyimgano_core.detectors.patchcore import PatchCoreParams, make_cnn_embedder
+
+    emb = make_cnn_embedder(PatchCoreParams.model_validate(CNN))
+    x = torch.rand(2, 3, 48, 48)
+    np.testing.assert_array_equal(LocalPatchHead(emb)(x).numpy(), emb(x).numpy())
+    grid = np.random.default_rng(1).random((2, 6, 6)).astype(np.float32)
+    torch_up = F.interpolate(torch.from_numpy(grid)[:, None], size=(48, 48), mode="bilinear", align_corners=False)[:, 0].numpy()
+    np.testing.assert_allclose(torch_up, upsample(grid, (48, 48), sigma=0), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ exported models
+def _images(folder: Path, n: int, size=(60, 52)) -> list[Path]:
+    rng = np.random.default_rng(0)
+    return [write_image(folder / f"{i}.png", normal_image(rng, size)) for i in range(n)]
+
+
+def _saved(tmp: Path, name: str, params: dict, calibrated: bool = True) -> Path:
+    paths = _images(tmp / "img", 7)
+    det = create_detector(name, **params).fit(paths[:4])
+    model = Model(det, meta={"holdout": [str(p) for p in paths[4:]] if calibrated else []})
+    if calibrated:
+        pred = det.predict(paths[4:])
+        model.thresholds = fit_thresholds(pred.scores, list(pred.maps), 0.9, 0.99)
+    return model.save(tmp / "model")
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_export_parity_per_setting(setting, tmp_path):
+    name, params = SETTINGS[setting]
+    folder = _saved(tmp_path, name, params)
+    info = export_onnx(folder)
+    par = info["parity"]
+    assert par["images"] == "calibration images" and par["n_images"] == 3 and par["decision_flips"] == 0
+    assert par["max_score_rel_diff"] <= 1e-4 and par["max_map_rel_diff"] <= 1e-4
+    doc = json.loads((folder / "model.json").read_text())
+    assert doc["onnx"]["sha256"] == info["sha256"] and doc["onnx"]["inputs"][0]["dtype"] == "uint8"
+    # an image the parity check never saw, through the public API of both runtimes
+    probe = write_image(tmp_path / "probe.png", np.clip(normal_image(np.random.default_rng(5), (60, 52)) + 60, 0, 255).astype(np.uint8))
+    a, b = load_model(folder).predict(probe), load_model(folder, runtime="onnx").predict(probe)
+    assert abs(a.score - b.score) <= 1e-4 * abs(a.score) and a.is_anomalous == b.is_anomalous
+    np.testing.assert_array_equal(np.isnan(a.anomaly_map), np.isnan(b.anomaly_map))
+    assert np.nanmax(np.abs(a.anomaly_map - b.anomaly_map)) <= 1e-4 * np.nanmax(np.abs(a.anomaly_map))
+
+
+def test_uncalibrated_model_uses_synthetic_parity_images(tmp_path):
+    folder = _saved(tmp_path, "patchcore", CNN, calibrated=False)
+    info = export_onnx(folder, out=tmp_path / "elsewhere" / "g.onnx")
+    assert info["parity"]["images"].startswith("synthetic") and info["parity"]["decision_flips"] is None
+    assert Path(info["file"]).is_absolute()
+    assert load_model(folder, runtime="onnx").predict(_images(tmp_path / "x", 1)[0]).is_anomalous is None
+
+
+def test_parity_failure_writes_nothing(tmp_path, monkeypatch):
+    folder = _saved(tmp_path, "patchcore", CNN)
+    real = onnx_export.build_graph
+
+    def wrong_blur(*a, **k):  # a graph bug: the blur disagrees with the torch path's
+        g = real(*a, **k)
+        g.blur = GaussianBlur(1.0, g.input_hw)
+        return g
+
+    monkeypatch.setattr(onnx_export, "build_graph", wrong_blur)
+    with pytest.raises(ModelError, match=r"beyond the tolerance 0.0001 .*largest score difference .*largest map difference"):
+        export_onnx(folder)
+    assert not (folder / "model.onnx").exists() and "onnx" not in json.loads((folder / "model.json").read_text())
+
+
+def test_refusals_are_one_line(tmp_path):
+    folder = _saved(tmp_path, "patchcore", dict(CNN, reweight_neighbors=3), calibrated=False)
+    res = runner.invoke(app, ["export-onnx", str(folder)])
+    assert res.exit_code == 4 and "reweight_neighbors" in res.output and len(res.output.strip().splitlines()) == 1
+    doc = json.loads((folder / "model.json").read_text())
+    doc["detector"] = "anomalib_checkpoint"
+    (folder / "model.json").write_text(json.dumps(doc))
+    res = runner.invoke(app, ["export-onnx", str(folder)])
+    assert res.exit_code == 4 and "'anomalib_checkpoint' is not supported" in res.output
+    res = runner.invoke(app, ["export-onnx", str(folder), "--opset", "9"])
+    assert res.exit_code == 4 and len(res.output.strip().splitlines()) == 1
+    dino = _saved(tmp_path / "d", "anomalydino", dict(SETTINGS["anomalydino_cnn"][1], masking=True), calibrated=False)
+    res = runner.invoke(app, ["export-onnx", str(dino)])
+    assert res.exit_code == 4 and "masking" in res.output
+
+
+def test_tampered_or_missing_graph_is_refused(tmp_path):
+    folder = _saved(tmp_path, "softpatch", CNN, calibrated=False)
+    with pytest.raises(ModelError, match="no ONNX graph"):
+        load_model(folder, runtime="onnx")
+    assert runner.invoke(app, ["export-onnx", str(folder)]).exit_code == 0
+    data = bytearray((folder / "model.onnx").read_bytes())
+    data[-1] ^= 1
+    (folder / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="does not match .* recorded in model.json"):
+        load_model(folder, runtime="onnx")
+
+
+# ------------------------------------------------------------------ CLI and the torch-free path
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("onnx_cli")
+    tree = make_mvtec_tree(tmp / "data", n_train=10, n_test_good=2)
+    cfg = write_config(tmp / "c.yaml", tree, params=CNN, calibration={"holdout_fraction": 0.3})
+    res = runner.invoke(app, ["fit", str(cfg), "--out", str(tmp / "runs"), "-q"])
+    assert res.exit_code == 0, res.output
+    model = tmp / "runs/t/widget/model"
+    res = runner.invoke(app, ["export-onnx", str(model)])
+    assert res.exit_code == 0 and "parity on 3 calibration images" in res.output, res.output
+    return tmp, cfg, model, tree
+
+
+def test_export_maps_runtime_onnx_matches_torch(fitted):
+    tmp, cfg, model, tree = fitted
+    rows = {}
+    for rt in ("torch", "onnx"):
+        res = runner.invoke(app, ["export-maps", str(cfg), "--model", str(model), "--runtime", rt, "--out", str(tmp / rt), "-q"])
+        assert res.exit_code == 0, res.output
+        rows[rt] = [json.loads(x) for x in (tmp / rt / "t/widget/maps/predictions.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in rows["torch"]] == [r["path"] for r in rows["onnx"]] and len(rows["onnx"]) == 7
+    for a, b in zip(rows["torch"], rows["onnx"]):
+        assert abs(a["score"] - b["score"]) <= 1e-4 * abs(a["score"]) and a["is_anomalous"] == b["is_anomalous"]
+        ma, mb = (np.load(tmp / rt / "t/widget/maps" / r["files"]["map"]).astype(np.float32) for rt, r in (("torch", a), ("onnx", b)))
+        assert np.abs(ma - mb).max() <= 1e-3 * np.abs(ma).max()  # float16 files: one rounding step
+    res = runner.invoke(app, ["export-maps", str(cfg), "--runtime", "onnx", "--out", str(tmp / "x"), "-q"])
+    assert res.exit_code == 2 and "needs --model" in res.output
+
+
+BLOCK_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision"):
+            raise ImportError(f"blocked for this test: {name}")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_onnx_runtime_never_imports_torch(fitted, tmp_path):
+    _, _, model, tree = fitted
+    probe = sorted((tree / "widget/test").rglob("*.png"))[0]
+    expected = load_model(model).predict(probe)
+    code = BLOCK_TORCH + textwrap.dedent(f"""
+        import json
+        from pathlib import Path
+        from pyimgano_core.infer import load_model
+        from pyimgano_core.engine import export_images
+        from pyimgano_core.deploy.onnx_runtime import load_onnx_model
+        r = load_model({str(model)!r}, runtime="onnx").predict({str(probe)!r})
+        s = export_images(load_onnx_model({str(model)!r}), [Path({str(probe)!r})], Path({str(tmp_path / "exp")!r}))
+        from pyimgano_cli.app import main
+        sys.argv = ["pyimgano", "export-maps", "--runtime", "onnx", "--model", {str(model)!r}, "--input", {str(probe.parent)!r},
+                    "--out", {str(tmp_path / "cli")!r}, "-q"]
+        try:
+            main()
+        except SystemExit as exc:
+            assert not exc.code, exc.code
+        try:
+            import torch  # noqa: F401
+            blocked = False
+        except ImportError:
+            blocked = True
+        print(json.dumps({{"score": r.score, "anomalous": r.is_anomalous, "n": s["n_scored"], "blocked": blocked,
+                          "torch_loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision"))}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["blocked"] and out["torch_loaded"] == [] and out["n"] == 1
+    assert abs(out["score"] - expected.score) <= 1e-4 * abs(expected.score) and out["anomalous"] == expected.is_anomalous
+    rows = [json.loads(x) for x in (tmp_path / "cli/export/widget/export/predictions.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if r["path"] == str(probe))
+    assert abs(first["score"] - expected.score) <= 1e-4 * abs(expected.score) and len(rows) == len(list(probe.parent.glob("*.png")))
