@@ -83,17 +83,18 @@ class LocalPatchHead(nn.Module):
         self.final = AdaptiveAvgPool1d(len(dims) * int(embedder.pretrain_dim), self.target_dim)
 
     def _unfold(self, fmap: torch.Tensor) -> torch.Tensor:
-        # (B, C, h, w) -> (B, C, k*k, h, w) -> (B, C*k*k, h, w): channel c*k*k + ky*k + kx, as F.unfold
-        k, p = self.k, self.k // 2
-        h, w = fmap.shape[-2:]
+        # (B, C, h, w) -> (B, C, k*k, gh, gw) -> (B, C*k*k, gh, gw): channel c*k*k + ky*k + kx, as
+        # F.unfold(padding=(k-1)//2) (the reference's PatchMaker; for even k the grid is one smaller)
+        k, p = self.k, (self.k - 1) // 2
+        gh, gw = (s + 2 * p - k + 1 for s in fmap.shape[-2:])
         padded = F.pad(fmap, (p, p, p, p))
-        shifts = [padded[:, :, ky : ky + h, kx : kx + w] for ky in range(k) for kx in range(k)]
+        shifts = [padded[:, :, ky : ky + gh, kx : kx + gw] for ky in range(k) for kx in range(k)]
         u = torch.stack(shifts, dim=2)
-        return u.reshape(fmap.shape[0], fmap.shape[1] * k * k, h, w)
+        return u.reshape(fmap.shape[0], fmap.shape[1] * k * k, gh, gw)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         maps = self.extractor(pixels)
-        h, w = maps[0].shape[-2:]
+        h, w = (s + 2 * ((self.k - 1) // 2) - self.k + 1 for s in maps[0].shape[-2:])
         per_layer = []
         for fmap, pool in zip(maps, self.pools):
             u = self._unfold(fmap)
@@ -144,17 +145,17 @@ class GaussianBlur(nn.Module):
 class PatchKNNGraph(nn.Module):
     """uint8 image [B, H, W, 3] -> (score [B], map [B, H, W], patch_scores [B, h, w])."""
 
-    def __init__(self, head: nn.Module, memory: np.ndarray, *, metric: str, weights: np.ndarray | None,
-                 aggregation: str, topk_ratio: float, blur_sigma: float, input_hw: tuple[int, int], n_patches: int):
+    def __init__(self, head: nn.Module, memory: np.ndarray, *, metric: str, weights: np.ndarray | None, squared: bool,
+                 aggregation: str, k_top: int, blur_sigma: float, input_hw: tuple[int, int]):
         super().__init__()
-        self.head, self.metric, self.aggregation = head, metric, aggregation
+        self.head, self.metric, self.aggregation, self.squared = head, metric, aggregation, squared
         bank = torch.from_numpy(np.ascontiguousarray(memory, dtype=np.float32))
         if metric == "cosine":  # KNNIndex L2-normalises the bank
             bank = bank / torch.clamp(torch.linalg.vector_norm(bank, dim=1, keepdim=True), min=1e-12)
         self.register_buffer("bank_t", bank.T.contiguous(), persistent=False)  # (D, M)
         self.register_buffer("bank_sq", (bank * bank).sum(1), persistent=False)
         self.register_buffer("weights", None if weights is None else torch.from_numpy(np.asarray(weights, np.float32)), persistent=False)
-        self.k_top = max(1, int(round(topk_ratio * n_patches)))
+        self.k_top = int(k_top)
         self.input_hw = tuple(int(v) for v in input_hw)
         self.blur = GaussianBlur(blur_sigma, self.input_hw) if blur_sigma > 0 else None
 
@@ -167,10 +168,11 @@ class PatchKNNGraph(nn.Module):
         # |q - m|^2 = |q|^2 - 2 q.m + |m|^2, in KNNIndex's order; rounding negatives clamped before the sqrt
         score = sim * -2.0 + self.bank_sq + (q * q).sum(1, keepdim=True)
         if self.weights is None:
-            return torch.sqrt(torch.clamp(score.amin(1), min=0.0))
+            d2 = torch.clamp(score.amin(1), min=0.0)
+            return d2 if self.squared else torch.sqrt(d2)
         best = score.argmin(1)
-        d = torch.sqrt(torch.clamp(torch.gather(score, 1, best[:, None])[:, 0], min=0.0))
-        return d * torch.index_select(self.weights, 0, best)
+        d2 = torch.clamp(torch.gather(score, 1, best[:, None])[:, 0], min=0.0)
+        return (d2 if self.squared else torch.sqrt(d2)) * torch.index_select(self.weights, 0, best)
 
     def forward(self, image: torch.Tensor):
         pixels = image.permute(0, 3, 1, 2).to(torch.float32) / 255.0

@@ -35,6 +35,7 @@ PARITY_RTOL = 1e-4  # largest allowed |onnx - torch| / |torch| for scores; / max
 N_PARITY_IMAGES = 4
 DEFAULT_OPSET = 17
 EXPORTABLE = ("patchcore", "softpatch", "anomalydino")
+MAX_BANK_BYTES = 3 << 29  # 1.5 GiB of memory bank: room for the backbone under protobuf's 2 GiB
 
 
 def _refuse(folder: Path, why: str) -> ModelError:
@@ -54,6 +55,15 @@ def check_exportable(model, folder: Path) -> None:
         raise _refuse(folder, "patchcore reweight_neighbors (paper eq. 7) is not in the graph; use reweight_neighbors: null")
     if isinstance(det, FoundationPatchKNN) and p.masking:
         raise _refuse(folder, "anomalydino masking (per-image PCA of patch tokens) is not in the graph; use masking: false")
+    if getattr(p, "knn_index", "exact") != "exact":
+        raise _refuse(folder, f"knn_index {p.knn_index!r}: the graph searches exactly; export a model fitted with knn_index: exact")
+    if getattr(p, "blur_at", "input") != "input":
+        raise _refuse(folder, f"blur_at {p.blur_at!r}: the graph blurs at the model input size; use blur_at: input")
+    if getattr(p, "distance", "euclidean") not in ("euclidean", "squared"):
+        raise _refuse(folder, f"distance {p.distance!r} is not in the graph")
+    if det.memory_.nbytes > MAX_BANK_BYTES:
+        raise _refuse(folder, f"the memory bank ({det.memory_.nbytes / 2**30:.1f} GiB) does not fit one ONNX file "
+                              "(protobuf's 2 GiB limit); use a smaller coreset_ratio")
 
 
 def build_graph(model, folder: Path, input_hw: tuple[int, int]):
@@ -75,8 +85,19 @@ def build_graph(model, folder: Path, input_hw: tuple[int, int]):
                               "supported: torchvision CNN backbones (anomalydino: torchvision:<name>)")
     weights = det.memory_weights_ if isinstance(det, SoftPatch) and p.soft_weight else None
     grid = _grid_size(head, input_hw)
-    return PatchKNNGraph(head, det.memory_, metric=det.metric, weights=weights, aggregation=p.aggregation,
-                         topk_ratio=p.topk_ratio, blur_sigma=p.blur_sigma, input_hw=input_hw, n_patches=grid[0] * grid[1]).eval()
+    return PatchKNNGraph(head, det.memory_, metric=det.metric, weights=weights, squared=getattr(p, "distance", "euclidean") == "squared",
+                         aggregation=p.aggregation, k_top=topk_count(grid[0] * grid[1], p.topk_ratio), blur_sigma=p.blur_sigma,
+                         input_hw=input_hw).eval()
+
+
+def topk_count(n_patches: int, ratio: float) -> int:
+    """How many patches ``aggregate(..., "topk_mean")`` averages, read from aggregate itself (so the
+    graph follows its rounding rule): the top-k mean of one 1 among zeros is 1/k."""
+    from ..detectors.patchknn import aggregate
+
+    one_hot = np.zeros((1, n_patches), np.float32)
+    one_hot[0, 0] = 1.0
+    return int(round(1.0 / float(aggregate(one_hot, "topk_mean", ratio)[0])))
 
 
 def _grid_size(head, input_hw) -> tuple[int, int]:
@@ -217,7 +238,7 @@ def export_onnx(folder: str | Path, out: str | Path | None = None, opset: int = 
         "file": str(rel), "sha256": sha256_bytes(data), "opset": opset,
         "exporter": f"torch.onnx.export (TorchScript) torch {torch.__version__}",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "input_hw": list(input_hw), "geometry": model.detector.geometry.describe(),
+        "input_hw": list(input_hw), "geometry": model.detector.geometry.describe(), "memory_bank": list(model.detector.memory_.shape),
         **graph_io(input_hw, _grid_size(graph.head, input_hw)),
     }
     parity = compare(model, build_onnx_model(doc, info, session_from_bytes(data)), images)

@@ -29,6 +29,7 @@ from ..postprocess import AnomalyMapPostprocess
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "map", "patch_scores")
+SIMILARITY_BYTES = 1 << 28  # as KNNIndex: a (queries x memory) float32 block of ~256 MB per run
 
 
 @dataclass
@@ -45,9 +46,9 @@ class OnnxPrediction:
 class OnnxDetector:
     """An exported patch-kNN detector: ``predict(images)`` as the torch detector's, on onnxruntime."""
 
-    def __init__(self, session, name: str, params: dict, geometry: Geometry, input_hw: tuple[int, int]):
+    def __init__(self, session, name: str, params: dict, geometry: Geometry, input_hw: tuple[int, int], batch: int = 1):
         self.session, self.name, self.params = session, name, params
-        self.geometry, self.input_hw = geometry, input_hw
+        self.geometry, self.input_hw, self.batch = geometry, input_hw, max(1, int(batch))
 
     def _prepare(self, item) -> tuple[np.ndarray, tuple, tuple[int, int]]:
         from ..data.io import read_image
@@ -67,9 +68,14 @@ class OnnxDetector:
         t0 = time.perf_counter()
         items = [self._prepare(im) for im in images]
         t1 = time.perf_counter()
-        scores, maps, _ = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.stack([it[0] for it in items])})
+        x = np.stack([it[0] for it in items])
+        scores, maps = [], []
+        for s in range(0, len(x), self.batch):
+            sc, mp, _ = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x[s : s + self.batch]})
+            scores.append(sc)
+            maps.append(mp)
         t2 = time.perf_counter()
-        return OnnxPrediction(scores=np.asarray(scores, np.float32), maps=np.asarray(maps, np.float32),
+        return OnnxPrediction(scores=np.concatenate(scores).astype(np.float32), maps=np.concatenate(maps).astype(np.float32),
                               boxes=np.array([it[1] for it in items], dtype=np.float64),
                               orig_hw=np.array([it[2] for it in items], dtype=np.int64),
                               timing={"load_s": t1 - t0, "onnx_s": t2 - t1})
@@ -121,7 +127,10 @@ def session_from_bytes(data: bytes, threads: int | None = None):
 def build_onnx_model(doc: dict, info: dict, session) -> OnnxModel:
     """An :class:`OnnxModel` from a model.json document, its ``onnx`` section and a session."""
     geometry = Geometry(**info["geometry"])
-    det = OnnxDetector(session, doc["detector"], doc["params"], geometry, tuple(int(v) for v in info["input_hw"]))
+    # images per session.run: the graph's (patches x memory) distance matrix stays near SIMILARITY_BYTES
+    _, h, w = info["outputs"][2]["shape"]
+    batch = SIMILARITY_BYTES // max(1, h * w * int(info["memory_bank"][0]) * 4)
+    det = OnnxDetector(session, doc["detector"], doc["params"], geometry, tuple(int(v) for v in info["input_hw"]), batch)
     post = AnomalyMapPostprocess.from_state(doc["postprocess"])
     thr = Thresholds(**doc["thresholds"]) if doc.get("thresholds") else None
     return OnnxModel(det, post, thr, doc.get("meta", {}), info)
