@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,16 +57,18 @@ def test_offline_mobilenet_checkpoint():
     assert fx.channels == [32, 96]
 
 
-def _reference_embed(maps: list[torch.Tensor], pretrain: int, target: int) -> torch.Tensor:
-    """PatchCore's _embed, step by step as in the reference code: patchify (B, L, C, 3, 3), reshape
-    to per-(C,3,3) spatial maps, bilinearly resize deeper layers, MeanMapper, Aggregator."""
-    unfolder = torch.nn.Unfold(kernel_size=3, stride=1, padding=1, dilation=1)
+def _reference_embed(maps: list[torch.Tensor], pretrain: int, target: int, k: int = 3) -> torch.Tensor:
+    """PatchCore's _embed, step by step as in the reference code: PatchMaker.patchify (padding
+    int((k-1)/2), its own patch-count formula) -> (B, L, C, k, k), reshape to per-(C,k,k) spatial
+    maps, bilinearly resize deeper layers to the first layer's patch grid, MeanMapper, Aggregator."""
+    pad = int((k - 1) / 2)
+    unfolder = torch.nn.Unfold(kernel_size=k, stride=1, padding=pad, dilation=1)
     feats, shapes = [], []
     for f in maps:
-        u = unfolder(f)  # (B, C*9, L)
-        u = u.reshape(*f.shape[:2], 3, 3, -1).permute(0, 4, 1, 2, 3)  # (B, L, C, 3, 3)
+        u = unfolder(f)  # (B, C*k*k, L)
+        u = u.reshape(*f.shape[:2], k, k, -1).permute(0, 4, 1, 2, 3)  # (B, L, C, k, k)
         feats.append(u)
-        shapes.append(f.shape[-2:])
+        shapes.append([int((s + 2 * pad - 1 * (k - 1) - 1) / 1 + 1) for s in f.shape[-2:]])
     ref = shapes[0]
     for i in range(1, len(feats)):
         x = feats[i].reshape(feats[i].shape[0], shapes[i][0], shapes[i][1], *feats[i].shape[2:])
@@ -89,3 +92,34 @@ def test_patch_features_match_reference_implementation():
     assert ours.shape == (2, 8, 10, 64)
     ref = _reference_embed(fx(x), 96, 64)
     torch.testing.assert_close(ours.reshape(-1, 64), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 5])
+def test_patch_features_match_reference_for_any_patch_size(k):
+    """Even k as the reference: padding (k-1)//2 on both sides, so the grid is one smaller."""
+    fx = FeatureExtractor("resnet18", ["layer2", "layer3"], weights=None)
+    emb = LocalPatchEmbedder(fx, patch_size=k, pretrain_dim=96, target_dim=64)
+    x = torch.rand(2, 3, 64, 80)
+    ours = emb(x)
+    grid = (8, 10) if k % 2 else (7, 9)
+    assert ours.shape == (2, *grid, 64)
+    torch.testing.assert_close(ours.reshape(-1, 64), _reference_embed(fx(x), 96, 64, k), rtol=1e-5, atol=1e-6)
+
+
+def test_even_patch_size_patchcore_maps_keep_the_input_size():
+    from pyimgano_core.detectors import create_detector
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    det = create_detector("patchcore", backbone="resnet18", layers=["layer2", "layer3"], weights=None, image_size=64,
+                          crop=None, patch_size=2, pretrain_embed_dim=32, target_embed_dim=32, coreset_ratio=1.0)
+    pred = det.fit(imgs[:2]).predict(imgs[2:])
+    assert pred.maps.shape == (1, 64, 64) and det.n_train_patches_ == 2 * 7 * 7
+
+
+def test_even_patch_size_on_a_one_pixel_feature_map_is_a_config_error():
+    from pyimgano_core.errors import ConfigError
+
+    fx = FeatureExtractor("resnet18", ["layer2"], weights=None)
+    with pytest.raises(ConfigError, match="patch_size=2"):  # a 1x1 map has no 2x2 neighbourhood
+        LocalPatchEmbedder(fx, patch_size=2, pretrain_dim=16, target_dim=16)(torch.rand(1, 3, 8, 8))

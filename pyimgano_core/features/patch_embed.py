@@ -1,9 +1,12 @@
 """PatchCore's locally aware patch features (Roth et al. 2022, Sec. 3.1), as an embedder.
 
 Follows the reference implementation (amazon-science/patchcore-inspection, ``_embed``):
-each tapped layer is unfolded into 3x3 neighbourhoods, deeper layers are bilinearly upsampled
-to the grid of the first tap, each layer's (C*3*3) vector is adaptive-average-pooled to
-``pretrain_dim``, and the layers' vectors are concatenated and pooled to ``target_dim``.
+each tapped layer is unfolded into k x k neighbourhoods (zero padding ``(k-1)//2``, stride 1),
+deeper layers are bilinearly upsampled to the patch grid of the first tap, each layer's
+(C*k*k) vector is adaptive-average-pooled to ``pretrain_dim``, and the layers' vectors are
+concatenated and pooled to ``target_dim``. For odd k the grid is the feature map's; for even k
+it is one smaller per side (the reference's ``PatchMaker`` pads ``(k-1)//2`` on both sides), and
+position (i, j) aggregates rows i-(k-1)//2 .. i+k//2 of the map.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .backbones import FeatureExtractor
 
 
@@ -25,13 +29,18 @@ class LocalPatchEmbedder(nn.Module):
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         maps = self.extractor(pixels)
-        B, _, h, w = maps[0].shape
         k = self.patch_size
+        pad = (k - 1) // 2
+        B = maps[0].shape[0]
+        h, w = (s + 2 * pad - k + 1 for s in maps[0].shape[-2:])  # the first tap's patch grid
         per_layer = []
         for fmap in maps:
-            # (B, C, h_l, w_l) -> (B, C*k*k, h_l, w_l): the k x k neighbourhood of every position
-            c, hl, wl = fmap.shape[1:]
-            u = F.unfold(fmap, kernel_size=k, padding=k // 2, stride=1).view(B, c * k * k, hl, wl)
+            # (B, C, h_l, w_l) -> (B, C*k*k, gh, gw): the k x k neighbourhood of every position
+            c = fmap.shape[1]
+            hl, wl = (s + 2 * pad - k + 1 for s in fmap.shape[-2:])
+            if hl < 1 or wl < 1:
+                raise ConfigError(f"detector.params.patch_size={k} is larger than a {tuple(fmap.shape[-2:])} feature map; use a larger image_size")
+            u = F.unfold(fmap, kernel_size=k, padding=pad, stride=1).view(B, c * k * k, hl, wl)
             if (hl, wl) != (h, w):
                 u = F.interpolate(u, size=(h, w), mode="bilinear", align_corners=False)
             u = u.permute(0, 2, 3, 1).reshape(B * h * w, 1, c * k * k)
