@@ -160,8 +160,11 @@ def test_small_coreset_patchcore_keeps_outliers_softpatch_does_not(train_images)
     assert not rows_in(sp.memory_, planted_features(train_images)).any()
 
 
-def test_test_patch_distance_is_multiplied_by_matched_weight(train_images):
-    det = softpatch(threshold=1 / 480).fit(train_images)
+@pytest.mark.parametrize("distance", ["squared", "euclidean"])
+def test_test_patch_distance_is_multiplied_by_matched_weight(train_images, distance):
+    """Reference (squared, the default): faiss IndexFlatL2's d^2 times the matched entry's weight."""
+    det = softpatch(threshold=1 / 480, distance=distance).fit(train_images)
+    scale = np.square if distance == "squared" else (lambda x: x)
     rng = np.random.default_rng(5)
     tests = [normal_image(rng, (32, 32)) for _ in range(3)] + [train_images[3], train_images[11]]
     pred = det.predict(tests)
@@ -169,19 +172,19 @@ def test_test_patch_distance_is_multiplied_by_matched_weight(train_images):
     q = feats.reshape(-1, feats.shape[-1]).astype(np.float64)
     d = np.linalg.norm(q[:, None] - det.memory_[None].astype(np.float64), axis=-1)
     nn = d.argmin(1)
-    patch = (d[np.arange(len(q)), nn] * det.memory_weights_[nn]).reshape(len(tests), -1)
+    patch = (scale(d[np.arange(len(q)), nn]) * det.memory_weights_[nn]).reshape(len(tests), -1)
     # the shared kNN search expands |q - m|^2 in float32: distances carry ~1e-4 absolute noise
     np.testing.assert_allclose(pred.scores, patch.max(1), rtol=1e-3, atol=1e-3)
     assert pred.scores[4] > 10 * pred.scores[:4].max()  # a planted patch matched itself: its weight is huge
     # exactly: score = max over patches of (search distance * weight of the matched entry)
     dists, idx = det._knn().search(q.astype(np.float32), k=1)
-    exact = (dists[:, 0] * det.memory_weights_[idx[:, 0]]).reshape(len(tests), -1)
+    exact = (scale(dists[:, 0]) * det.memory_weights_[idx[:, 0]]).reshape(len(tests), -1)
     np.testing.assert_array_equal(pred.scores, exact.max(1).astype(np.float32))
     # maps are the same weighted patch grid, upsampled: the hottest pixel lies in the hottest patch
     hot = np.unravel_index(pred.maps[4].argmax(), pred.maps[4].shape)
     assert (hot[0] // BLOCK) * 4 + hot[1] // BLOCK == exact[4].argmax()
-    unweighted = softpatch(threshold=1 / 480, soft_weight=False).fit(train_images).predict(tests)
-    np.testing.assert_array_equal(unweighted.scores, dists[:, 0].reshape(len(tests), -1).max(1))
+    unweighted = softpatch(threshold=1 / 480, soft_weight=False, distance=distance).fit(train_images).predict(tests)
+    np.testing.assert_array_equal(unweighted.scores, scale(dists[:, 0]).reshape(len(tests), -1).max(1))
 
 
 # ------------------------------------------------------------- determinism and persistence

@@ -14,6 +14,7 @@ Example
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,16 +29,28 @@ from .patchknn import PatchKNNDetector, PatchKNNParams, greedy_coreset
 class CNNPatchParams(PatchKNNParams):
     """Backbone and locally aware patch features (shared by PatchCore and SoftPatch).
 
-    Geometry defaults are the paper's (Sec. 4.1): resize to 256, centre crop 224.
+    Defaults are the paper's (Sec. 4.1) and the reference code's (amazon-science/patchcore-inspection):
+    shorter side resized to 256 then centre crop 224 (``transforms.Resize(256)`` +
+    ``CenterCrop(224)`` in its ``datasets/mvtec.py``; identical to a 256x256 squash on square
+    MVTec images, different on VisA/BTAD), WideResNet50 with the ImageNet weights that
+    ``pretrained=True`` loads (torchvision's ``IMAGENET1K_V1``; ``DEFAULT`` would be V2), and
+    squared L2 patch distances (the reference's faiss ``IndexFlatL2``).
     """
 
     image_size: int | tuple[int, int] = Field(256, description="resize target (squash: exact h,w; shorter_side: short edge)")
     crop: int | tuple[int, int] | None = Field(224, description="centre crop after resize (None = whole image)")
+    resize_mode: Literal["squash", "shorter_side"] = "shorter_side"
 
     backbone: str = Field("wide_resnet50_2", description="torchvision model name")
     layers: list[str] = Field(["layer2", "layer3"], min_length=1, description="tapped layers, shallowest first")
-    weights: str | None = Field("DEFAULT", description="torchvision weights name, local checkpoint path, or null (random)")
-    patch_size: int = Field(3, ge=1, description="local neighbourhood aggregated around each position")
+    weights: str | None = Field(
+        "IMAGENET1K_V1", description="torchvision weights name (DEFAULT = torchvision's newest), local checkpoint path, or null (random)")
+    distance: Literal["euclidean", "squared"] = Field(
+        "squared", description="patch score scale: squared L2 (the reference's faiss IndexFlatL2) or Euclidean; "
+        "image AUROC is the same, maps and SoftPatch's weighted scores differ")
+    patch_size: int = Field(
+        3, ge=1, description="local neighbourhood aggregated around each position (even sizes as the reference: "
+        "padding (k-1)//2, so the grid shrinks by one)")
     pretrain_embed_dim: int = Field(1024, ge=1, description="per-layer dimension after adaptive average pooling")
     target_embed_dim: int = Field(1024, ge=1, description="final patch feature dimension")
     coreset_ratio: float = Field(0.1, gt=0, le=1, description="share of training patches kept in memory (1 = all)")
@@ -46,7 +59,7 @@ class CNNPatchParams(PatchKNNParams):
 
 class PatchCoreParams(CNNPatchParams):
     reweight_neighbors: int | None = Field(
-        None, ge=1, description="paper eq. 7 image-score reweighting with b neighbours (None: plain max, as the reference code)"
+        None, ge=1, description="paper eq. 7 image-score reweighting with b neighbours (None or 1: plain max, as the reference code)"
     )
 
 
@@ -76,11 +89,14 @@ class PatchCore(PatchKNNDetector):
 
     def _image_scores(self, patch: np.ndarray, dists, idx, feats) -> np.ndarray:
         b = self.params_.reweight_neighbors
-        if b is None:
+        if b is None or b == 1:
+            # b=1: N_b(m*) = {m*} and eq. 7's weight would be 1 - softmax([d]) = 0 for every image;
+            # anomalib likewise returns the plain max for one neighbour.
             return super()._image_scores(patch, dists, idx, feats)
         # Paper eq. 7: s = (1 - exp(s*) / sum_{m in N_b(m*)} exp(|m_test* - m|)) * s*, where m* is
         # the nearest memory entry of the most anomalous test patch and N_b(m*) its b nearest
         # memory entries (m* included, as anomalib does). Softmax keeps the exponentials stable.
+        # The weight uses Euclidean distances as in the paper; s* is in the chosen ``distance`` scale.
         B = len(patch)
         flat = patch.reshape(B, -1)
         top = flat.argmax(1)

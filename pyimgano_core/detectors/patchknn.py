@@ -35,7 +35,8 @@ class PatchEmbedder(Protocol):
 def aggregate(patch_scores: np.ndarray, how: Aggregation = "max", topk_ratio: float = 0.01) -> np.ndarray:
     """Image scores [B] from patch scores [B, ...]: max, mean, or mean of the top ``topk_ratio``.
 
-    ``topk_mean`` uses ``max(1, round(topk_ratio * n_patches))`` patches (AnomalyDINO: top 1%).
+    ``topk_mean`` uses ``max(1, int(n_patches * topk_ratio))`` patches (AnomalyDINO: top 1%,
+    truncated as its reference ``mean_top1p``, which falls back to the max below 100 patches).
     """
     flat = np.asarray(patch_scores, dtype=np.float32).reshape(len(patch_scores), -1)
     if how == "max":
@@ -43,7 +44,7 @@ def aggregate(patch_scores: np.ndarray, how: Aggregation = "max", topk_ratio: fl
     if how == "mean":
         return flat.mean(axis=1)
     if how == "topk_mean":
-        k = max(1, int(round(topk_ratio * flat.shape[1])))
+        k = max(1, int(flat.shape[1] * topk_ratio))
         return -np.sort(-flat, axis=1)[:, :k].mean(axis=1)
     raise ValueError(f"aggregation must be one of max, mean, topk_mean; got {how!r}")
 
@@ -277,10 +278,11 @@ class PatchKNNDetector(Detector):
             B, h, w, D = feats.shape
             t0 = time.perf_counter()
             dists, idx = self._knn().search(feats.reshape(-1, D), k=self._k())
+            dists = self._scale_distances(dists)
             patch = to_grid(self._score_patches(dists, idx), B, (h, w))
             t1 = time.perf_counter()
             scores.append(self._image_scores(patch, dists, idx, feats))
-            maps.extend(upsample(patch, tuple(batch.pixels.shape[-2:]), p.blur_sigma))
+            maps.extend(self._maps(patch, batch))
             boxes.append(batch.boxes)
             hws.append(batch.orig_hw)
             timing["search_s"] += t1 - t0
@@ -296,6 +298,17 @@ class PatchKNNDetector(Detector):
 
     def _k(self) -> int:
         return 1
+
+    def _scale_distances(self, dists: np.ndarray) -> np.ndarray:
+        # ``distance: squared`` (CNN detectors' parameter): the PatchCore and SoftPatch reference
+        # code score with faiss IndexFlatL2, i.e. squared L2, and blur/upsample those values.
+        if getattr(self.params_, "distance", "euclidean") == "squared":
+            return np.square(dists)
+        return dists
+
+    def _maps(self, patch: np.ndarray, batch) -> list[np.ndarray]:
+        """Anomaly maps of a batch: patch grids upsampled to the model input and blurred there."""
+        return list(upsample(patch, tuple(batch.pixels.shape[-2:]), self.params_.blur_sigma))
 
     def _image_scores(self, patch: np.ndarray, dists, idx, feats) -> np.ndarray:
         return aggregate(patch, self.params_.aggregation, self.params_.topk_ratio)

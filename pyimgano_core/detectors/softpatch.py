@@ -7,7 +7,8 @@ noise discriminator (LOF, nearest-neighbour distance, or a Gaussian's Mahalanobi
 scores each patch against the others of its set, on features randomly projected to a low
 dimension. Patches above the global ``1 - threshold`` quantile of those scores are dropped
 from the coreset candidates; the kept patches remember their score as a soft weight, and at
-test time a patch's nearest-neighbour distance is multiplied by the weight of the memory entry
+test time a patch's nearest-neighbour distance (squared, as the reference's faiss
+``IndexFlatL2``, by default; see ``distance``) is multiplied by the weight of the memory entry
 it matched. Features, coreset, image scores and maps are PatchCore's (shared patch-kNN core).
 
 Where the reference code (TencentYoutuResearch/AnomalyDetection-SoftPatch) and the paper
@@ -224,6 +225,11 @@ class SoftPatch(PatchKNNDetector):
         self.timing_.update(noise_projection_s=t1 - t0, noise_scoring_s=t2 - t1, coreset_s=t3 - t2)
 
     def _score_patches(self, dists: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        # ``dists`` is already on the ``distance`` scale. With the default (squared) the weight
+        # multiplies d^2, exactly as the reference (`image_scores * weight`, where image_scores are
+        # faiss IndexFlatL2 outputs); with ``distance: euclidean`` it multiplies d (pyimgano before
+        # this option). The two rank test patches differently (w*d^2 vs w*d), so image AUROC can
+        # differ too, unlike for PatchCore.
         if not self.params_.soft_weight:
             return dists[:, 0]
         return dists[:, 0] * self.memory_weights_[idx[:, 0]]

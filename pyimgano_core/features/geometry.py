@@ -49,8 +49,11 @@ class Geometry:
         if self.mode == "squash":
             return _pair(self.size)
         s = self.size if isinstance(self.size, int) else min(self.size)
-        scale = s / min(h, w)
-        return (max(1, round(h * scale)), max(1, round(w * scale)))
+        # torchvision's Resize(int) (the PatchCore, SoftPatch and AnomalyDINO references): the
+        # shorter side becomes s, the longer int(s * long / short), truncated.
+        if h <= w:
+            return (s, max(1, int(s * w / h)))
+        return (max(1, int(s * h / w)), s)
 
     def input_hw(self, orig_hw: tuple[int, int]) -> tuple[int, int]:
         """The (h, w) of the model input for an image of size ``orig_hw``."""
@@ -61,12 +64,19 @@ class Geometry:
             h, w = h - h % self.multiple, w - w % self.multiple
         return h, w
 
+    def _offsets(self, orig_hw: tuple[int, int]) -> tuple[int, int]:
+        # torchvision's CenterCrop: top = int(round((h - crop_h) / 2)) (Python's round, half to even)
+        rh, rw = self.resized_hw(orig_hw)
+        ih, iw = self.input_hw(orig_hw)
+        return int(round((rh - ih) / 2.0)), int(round((rw - iw) / 2.0))
+
     def box(self, orig_hw: tuple[int, int]) -> tuple[float, float, float, float]:
         """(y0, x0, y1, x1) of the original image that the model input shows."""
         rh, rw = self.resized_hw(orig_hw)
         ih, iw = self.input_hw(orig_hw)
         sy, sx = orig_hw[0] / rh, orig_hw[1] / rw
-        y0, x0 = (rh - ih) / 2 * sy, (rw - iw) / 2 * sx
+        oy, ox = self._offsets(orig_hw)
+        y0, x0 = oy * sy, ox * sx
         return (y0, x0, y0 + ih * sy, x0 + iw * sx)
 
     def apply(self, image: np.ndarray) -> np.ndarray:
@@ -77,7 +87,7 @@ class Geometry:
         # INTER_AREA anti-aliases when shrinking (like torchvision's antialiased resize).
         interp = cv2.INTER_AREA if rh * rw < orig_hw[0] * orig_hw[1] else cv2.INTER_LINEAR
         out = cv2.resize(image, (rw, rh), interpolation=interp)
-        y0, x0 = (rh - ih) // 2, (rw - iw) // 2
+        y0, x0 = self._offsets(orig_hw)
         return np.ascontiguousarray(out[y0 : y0 + ih, x0 : x0 + iw])
 
     def describe(self) -> dict:
