@@ -61,9 +61,16 @@ class ExperimentConfig(Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
-    def detector_params(self) -> dict[str, Any]:
-        """Validated detector parameters with defaults filled in, plus the experiment seed."""
-        return dict(self.detector.params, seed=self.seed)
+    def detector_params(self, category: str | None = None) -> dict[str, Any]:
+        """Validated detector parameters with defaults filled in, plus the experiment seed.
+
+        Detectors whose parameters have a ``category`` field (per-category defaults, e.g.
+        AnomalyDINO's ``masking: reference``) also get the dataset category being run.
+        """
+        params = dict(self.detector.params, seed=self.seed)
+        if category is not None and "category" in get_detector_class(self.detector.name).Params.model_fields:
+            params["category"] = category
+        return params
 
 
 # ------------------------------------------------------------------------------ loading
@@ -158,15 +165,17 @@ def validate_config(data: Any, source: str = "config") -> ExperimentConfig:
     cls = get_detector_class(cfg.detector.name)
     if "seed" in cfg.detector.params:
         raise ConfigError(f"{source}: detector.params.seed: set the top-level 'seed' instead")
+    if "category" in cfg.detector.params:
+        raise ConfigError(f"{source}: detector.params.category: set per run from dataset.category, not here")
     try:
         params = cls.Params.model_validate(cfg.detector_params())
     except ValidationError as exc:
         msg = format_validation_error(exc, ("detector", "params"))
         for err in exc.errors():
             if err["type"] == "extra_forbidden":
-                msg = msg.replace("unknown key", f"unknown key; allowed: {', '.join(sorted(set(cls.Params.model_fields) - {'seed'}))}", 1)
+                msg = msg.replace("unknown key", f"unknown key; allowed: {', '.join(sorted(set(cls.Params.model_fields) - {'seed', 'category'}))}", 1)
         raise ConfigError(f"{source}: {msg}") from None
-    cfg.detector.params = {k: v for k, v in params.model_dump(mode="json").items() if k != "seed"}
+    cfg.detector.params = {k: v for k, v in params.model_dump(mode="json").items() if k not in ("seed", "category")}
     return cfg
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from . import metrics as M
 from .calibration import fit_thresholds, split_holdout
 from .data.io import read_image, read_mask
-from .data.shots import select_shots
+from .data.shots import describe_shots, select_shots
 from .data.types import Split
 from .errors import ConfigError, DataError
 from .features.geometry import map_to_original
@@ -74,8 +74,8 @@ def build_model(cfg: ExperimentConfig, split: Split, progress: Progress | None =
     fit_samples, holdout = split.train, []
     if cfg.calibration is not None:
         fit_samples, holdout = split_holdout(split.train, cfg.calibration.holdout_fraction, cfg.seed)
-    fit_samples = select_shots(fit_samples, cfg.dataset.shots, cfg.seed)
-    detector = create_detector(cfg.detector.name, **cfg.detector_params())
+    fit_samples = select_shots(fit_samples, cfg.dataset.shots, cfg.seed, cfg.dataset.shots_protocol)
+    detector = create_detector(cfg.detector.name, **cfg.detector_params(split.name))
     progress.start(f"[{split.name}] fitting {cfg.detector.name} on {len(fit_samples)} images", None)
     t0 = time.perf_counter()
     detector.fit([s.path for s in fit_samples])
@@ -276,6 +276,7 @@ def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: P
             "aupro": f"8-connected regions, exact, FPR limit {fpr_limit}, normalised by the limit",
             "mask_threshold": f"mask value > {split.mask_threshold}",
             "thresholds_from": "held-out normal training images" if model.thresholds else None,
+            "few_shot": describe_shots(cfg.dataset.shots, cfg.seed, cfg.dataset.shots_protocol),
         },
         "notes": split.notes,
         "few_shot_images": model.meta.get("fit_images"),

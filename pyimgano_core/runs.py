@@ -57,7 +57,7 @@ def load_for_runtime(folder: Path, runtime: str = "torch"):
 def _saved_params(model) -> dict:
     fitted = getattr(model.detector, "params_", None)  # torch detector; the ONNX one keeps model.json's dict
     params = fitted.model_dump(mode="json") if fitted is not None else model.detector.params
-    return {k: v for k, v in params.items() if k != "seed"}
+    return {k: v for k, v in params.items() if k not in ("seed", "category")}  # category: set per run
 
 
 def _load_model(cfg: ExperimentConfig, model_arg: Path, category: str, runtime: str = "torch") -> Model:

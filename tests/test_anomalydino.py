@@ -107,16 +107,74 @@ def test_rotation_augments_each_reference_image_eight_times():
 
 
 # ------------------------------------------------------------------------------ foreground masking
-@pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_foreground_mask_is_the_dilated_object(sign):
-    rng = np.random.default_rng(0)
+def disk_tokens(sign: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:12, :12]
     disk = (yy - 5.5) ** 2 + (xx - 5.5) ** 2 <= 3.5**2
     v = rng.normal(size=16)
-    tokens = rng.normal(0, 0.5, (12, 12, 16)) + sign * 30 * disk[..., None] * v / np.linalg.norm(v)
+    return disk, rng.normal(0, 0.5, (12, 12, 16)) + sign * 30 * disk[..., None] * v / np.linalg.norm(v)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_grid_morphology_mask_is_the_dilated_object(sign):
+    disk, tokens = disk_tokens(sign)
     # The PCA sign is arbitrary; the centre test flips it so the centred object is foreground.
     expected = binary_dilation(disk, np.ones((3, 3), bool))  # closing leaves a convex blob as it is
-    np.testing.assert_array_equal(foreground_mask(tokens, threshold=10.0), expected)
+    np.testing.assert_array_equal(foreground_mask(tokens, threshold=10.0, morphology="grid"), expected)
+
+
+def raster_morphology(mask: np.ndarray) -> np.ndarray:
+    """3x3 dilation then 3x3 closing of a (N, 1) column, written out in 1-D: out-of-range
+    neighbours are ignored (OpenCV's default border for dilate and erode)."""
+    def dilate(a):
+        p = np.pad(a, 1, constant_values=False)
+        return p[:-2] | p[1:-1] | p[2:]
+
+    def erode(a):
+        p = np.pad(a, 1, constant_values=True)
+        return p[:-2] & p[1:-1] & p[2:]
+
+    return erode(dilate(dilate(mask.ravel()))).reshape(mask.shape)
+
+
+def reference_background_mask(tokens: np.ndarray, threshold=10.0, border=0.2) -> np.ndarray:
+    """AnomalyDINO's compute_background_mask step by step: sklearn PCA(1) of the (N, D) tokens,
+    threshold, centre test with sign flip, cv2 dilate + close on the (N, 1) column it yields."""
+    import cv2
+    from sklearn.decomposition import PCA
+
+    h, w, D = tokens.shape
+    first_pc = PCA(n_components=1).fit_transform(tokens.reshape(-1, D).astype(np.float32))  # (N, 1)
+    mask = first_pc > threshold
+    m = mask.reshape(h, w)[int(h * border):int(h * (1 - border)), int(w * border):int(w * (1 - border))]
+    if m.sum() <= m.size * 0.35:
+        mask = -first_pc > threshold
+    k = np.ones((3, 3), np.uint8)
+    mask = cv2.dilate(mask.astype(np.uint8), k).astype(bool)
+    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, k).astype(bool)
+    return mask.squeeze().reshape(h, w)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_raster_morphology_mask_equals_the_reference_step_by_step(sign):
+    disk, tokens = disk_tokens(sign)
+    ours = foreground_mask(tokens, threshold=10.0)  # default: the reference's raster morphology
+    np.testing.assert_array_equal(ours, reference_background_mask(tokens))
+    # ... which is 1-D along raster order: each row's run grows by one patch left and right only
+    np.testing.assert_array_equal(ours, raster_morphology(disk))
+    assert ours.sum() < foreground_mask(tokens, threshold=10.0, morphology="grid").sum()
+
+
+def test_raster_morphology_on_random_masks():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        mask = rng.random((7, 9)) < 0.3
+        col = mask.astype(np.uint8).reshape(-1, 1)
+        import cv2
+
+        k = np.ones((3, 3), np.uint8)
+        got = cv2.morphologyEx(cv2.dilate(col, k), cv2.MORPH_CLOSE, k).reshape(mask.shape).astype(bool)
+        np.testing.assert_array_equal(got, raster_morphology(mask))
 
 
 class BrightnessEmbedder:

@@ -17,12 +17,24 @@ def test_aggregate_max_mean_topk_by_hand():
     np.testing.assert_allclose(aggregate(patch, "topk_mean", topk_ratio=0.75), [17 / 3, 4 / 3])  # top 3 of 4
 
 
-def test_aggregate_topk_count_rounds_and_keeps_at_least_one():
+def reference_mean_top1p(distances: np.ndarray) -> float:
+    """AnomalyDINO's mean_top1p (src/post_eval.py), step by step."""
+    n = int(len(distances) * 0.01)
+    if n == 0:
+        return float(np.max(distances))
+    return float(np.mean(sorted(distances.flatten(), reverse=True)[:n]))
+
+
+def test_aggregate_topk_count_truncates_as_the_reference_and_keeps_at_least_one():
     scores = np.arange(1000, dtype=np.float32)[None]  # one image, 1000 patches
     assert aggregate(scores, "topk_mean", 0.01)[0] == pytest.approx(np.mean(np.arange(990, 1000)))  # 10 patches
-    assert aggregate(scores[:, :149], "topk_mean", 0.01)[0] == 148.0  # round(1.49) = 1
-    assert aggregate(scores[:, :150], "topk_mean", 0.01)[0] == pytest.approx(148.5)  # round(1.5) = 2
+    assert aggregate(scores[:, :199], "topk_mean", 0.01)[0] == 198.0  # int(1.99) = 1
+    assert aggregate(scores[:, :200], "topk_mean", 0.01)[0] == pytest.approx(198.5)  # int(2.0) = 2
     assert aggregate(scores[:, :10], "topk_mean", 0.01)[0] == 9.0  # at least one patch
+    rng = np.random.default_rng(0)
+    for n in (10, 99, 100, 150, 1080, 1536):  # 1080: int(10.8) = 10 where round() would take 11
+        d = rng.random(n).astype(np.float32)
+        assert aggregate(d[None], "topk_mean", 0.01)[0] == pytest.approx(reference_mean_top1p(d), rel=1e-6)
     with pytest.raises(ValueError, match="max, mean, topk_mean"):
         aggregate(scores, "median")
 

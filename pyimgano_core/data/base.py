@@ -35,15 +35,20 @@ class DatasetBase(BaseModel):
         without pixel ground truth (``mask_path=None``; it still counts for image
         metrics) and list it in ``notes["missing_masks"]``.
     shots : int or None
-        Few-shot protocol: the detector is fitted on ``shots`` training images drawn
+        Few-shot protocol: the detector is fitted on ``shots`` training images chosen
         with the experiment's top-level ``seed`` (see :mod:`.shots`).
+    shots_protocol : {"reference", "random"}
+        ``reference``: AnomalyDINO's deterministic slice ``sorted(names)[seed*k:(seed+1)*k]``;
+        ``random``: ``k`` images drawn at random with the seed.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     contamination: Contamination | None = None
     missing_mask: Literal["error", "exclude"] = "error"
-    shots: int | None = Field(None, ge=1, description="few-shot: fit on this many training images, drawn with the top-level seed")
+    shots: int | None = Field(None, ge=1, description="few-shot: fit on this many training images, chosen with the top-level seed")
+    shots_protocol: Literal["reference", "random"] = Field(
+        "reference", description="reference: sorted training images [seed*k:(seed+1)*k] (AnomalyDINO's code); random: a seeded draw")
 
 
 # --------------------------------------------------------------------------- paths

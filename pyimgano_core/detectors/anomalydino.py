@@ -5,9 +5,12 @@ Patch kNN on foundation-model patch tokens, as in the authors' reference code: t
 edge is resized to 448 and the input cropped to a multiple of the patch size (14); the memory
 bank holds the L2-normalised patch tokens of the reference (few-shot) images; a test patch
 scores its cosine distance to the nearest reference patch (k=1); the image score is the mean
-of the top 1% patch scores; the map is the patch grid upsampled bilinearly and blurred with a
-Gaussian of sigma 4. Options from the paper: zero-shot foreground masking (first PCA component
-of the image's own patch tokens, thresholded), rotation augmentation of the reference images.
+of the top 1% patch scores; the map is the patch grid upsampled bilinearly to the original
+image size and blurred there with a Gaussian of sigma 4 (the reference's ``dists2map``;
+``blur_at: input`` blurs at the model input instead). Options from the paper: zero-shot
+foreground masking (first PCA component of the image's own patch tokens, thresholded;
+``masking: reference`` applies the reference's per-category table), rotation augmentation of
+the reference images.
 Added here: memory-bank subsampling (greedy coreset or random, seeded). Few-shot is set by
 ``dataset.shots`` in the experiment config.
 
@@ -28,9 +31,20 @@ from pydantic import Field, model_validator
 from ..features.geometry import Geometry
 from ..features.vit import build_embedder, parse_backbone
 from .base import register_detector
-from .patchknn import PatchKNNDetector, PatchKNNParams, greedy_coreset
+from .patchknn import PatchKNNDetector, PatchKNNParams, greedy_coreset, upsample
 
 ROTATION_ANGLES = (0, 45, 90, 135, 180, 225, 270, 315)  # the reference code's augmentation
+
+# The reference's masking per category (src/utils.py get_dataset_info, preprocess "agnostic" /
+# "informed", chosen by the paper's masking test, Fig. 2): MVTec AD masks capsule, hazelnut,
+# pill, screw and toothbrush; VisA masks every category.
+MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+                    "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
+VISA_CATEGORIES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
+                   "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum")
+REFERENCE_MASKING = {c: c in ("capsule", "hazelnut", "pill", "screw", "toothbrush") for c in MVTEC_CATEGORIES} | {
+    c: True for c in VISA_CATEGORIES}
+DINOV2_MASK_THRESHOLD = 10.0  # the reference's threshold on the first PCA component (DINOv2 units)
 
 
 class FoundationPatchParams(PatchKNNParams):
@@ -43,9 +57,20 @@ class FoundationPatchParams(PatchKNNParams):
     resize_mode: Literal["squash", "shorter_side"] = "shorter_side"
     patch_multiple: int | None = Field(None, ge=1, description="crop the input to a multiple of this (None: the embedder's patch size)")
     aggregation: Literal["max", "mean", "topk_mean"] = "topk_mean"
-    masking: bool = Field(False, description="zero-shot foreground masking of test patches (PCA of patch tokens)")
+    masking: bool | Literal["reference"] = Field(
+        False, description="zero-shot foreground masking of test patches (PCA of patch tokens); "
+        "reference: on or off per category as the reference code (MVTec: capsule, hazelnut, pill, screw, toothbrush; VisA: all)")
     mask_reference: bool = Field(False, description="also drop background patches of reference images (needs masking)")
-    mask_threshold: float = Field(10.0, description="first-PCA-component threshold (DINOv2 ViT-S/14 feature units)")
+    mask_threshold: float | None = Field(
+        None, description="first-PCA-component threshold; None: 10 for DINOv2 backbones (the reference's, in its feature "
+        "units), required for any other backbone when masking")
+    mask_morphology: Literal["raster", "grid"] = Field(
+        "raster", description="hole filling of the mask: raster = the reference's 3x3 dilation + closing, which runs on the "
+        "flattened (N, 1) column, i.e. 1-D along raster order; grid = the same 3x3 operations on the 2-D patch grid")
+    blur_at: Literal["original", "input"] = Field(
+        "original", description="where the sigma is applied: original = upsample to the original image, then blur there "
+        "(the reference's dists2map); input = blur at the model input, then resize")
+    category: str | None = Field(None, description="dataset category, set by the engine; selects the masking: reference entry")
     rotation: bool = Field(False, description=f"augment reference images by rotations {ROTATION_ANGLES}")
     coreset_ratio: float = Field(1.0, gt=0, le=1, description="share of reference patches kept in memory (1 = all, as the paper)")
     coreset_method: Literal["greedy", "random"] = Field("greedy", description="greedy k-center coreset or a seeded random subset")
@@ -56,18 +81,42 @@ class FoundationPatchParams(PatchKNNParams):
         family, _ = parse_backbone(self.backbone)  # ValueError -> a config error naming the field
         if (family == "torchvision") != bool(self.layers):
             raise ValueError("layers must be given for torchvision:<name> backbones, and only for them")
-        if self.mask_reference and not self.masking:
-            raise ValueError("mask_reference needs masking: true")
+        if self.mask_reference and self.masking is False:
+            raise ValueError("mask_reference needs masking: true (or reference)")
+        if self.masking is not False and self.mask_threshold is None and "dinov2" not in self.backbone:
+            raise ValueError(f"masking needs an explicit mask_threshold for {self.backbone}: the default 10 is in "
+                             "DINOv2 feature units (the first PCA component's scale differs between towers)")
         return self
 
+    def masking_on(self) -> bool:
+        """Whether test patches are masked: ``masking`` itself, or the reference's table entry."""
+        if self.masking != "reference":
+            return bool(self.masking)
+        if self.category not in REFERENCE_MASKING:
+            from ..errors import ConfigError
 
-def foreground_mask(tokens: np.ndarray, threshold: float = 10.0, border: float = 0.2) -> np.ndarray:
+            raise ConfigError(f"detector.params.masking=reference knows the MVTec AD and VisA categories; "
+                              f"got category {self.category!r}: set masking to true or false")
+        return REFERENCE_MASKING[self.category]
+
+    def threshold(self) -> float:
+        return DINOV2_MASK_THRESHOLD if self.mask_threshold is None else self.mask_threshold
+
+
+def foreground_mask(tokens: np.ndarray, threshold: float = DINOV2_MASK_THRESHOLD, border: float = 0.2,
+                    morphology: Literal["raster", "grid"] = "raster") -> np.ndarray:
     """Zero-shot foreground of one image from its patch tokens ``[h, w, D]`` -> bool ``[h, w]``.
 
-    As AnomalyDINO's reference code: project the tokens on their first principal component and
-    keep patches above ``threshold``; if that keeps at most 35% of the central region (``border``
-    cut from each side) the sign is flipped (objects are assumed centred); then a 3x3 dilation and
-    a 3x3 closing fill small holes and enlarge the mask slightly.
+    As AnomalyDINO's reference code (``compute_background_mask``): project the tokens on their
+    first principal component and keep patches above ``threshold``; if that keeps at most 35% of
+    the central region (``border`` cut from each side) the sign is flipped (objects are assumed
+    centred); then a 3x3 dilation and a 3x3 closing "fill small holes and enlarge slightly".
+
+    ``morphology="raster"`` is what the reference computes: it applies the 3x3 operations to the
+    PCA output's (h*w, 1) column, so they act along raster order only (a patch's neighbours are
+    the previous and next patch, wrapping across row ends). ``"grid"`` applies them to the 2-D
+    patch grid, which is what the reference's comment describes; it grows the mask vertically as
+    well (more area). The default is the reference's, which produced the published numbers.
     """
     h, w, D = tokens.shape
     x = tokens.reshape(-1, D).astype(np.float64)
@@ -80,8 +129,9 @@ def foreground_mask(tokens: np.ndarray, threshold: float = 10.0, border: float =
     if centre.sum() <= 0.35 * centre.size:
         mask = -pc > threshold
     kernel = np.ones((3, 3), np.uint8)
-    mask = cv2.dilate(mask.astype(np.uint8), kernel)
-    return cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel).astype(bool)
+    m = mask.astype(np.uint8).reshape(-1, 1) if morphology == "raster" else mask.astype(np.uint8)
+    m = cv2.morphologyEx(cv2.dilate(m, kernel), cv2.MORPH_CLOSE, kernel)
+    return m.reshape(h, w).astype(bool)
 
 
 def rotate(image: np.ndarray, angle: float) -> np.ndarray:
@@ -130,7 +180,8 @@ class FoundationPatchKNN(PatchKNNDetector):
         # The foreground of each batch is kept for _score_patches and _fit, which see the batch next.
         for feats, batch in super()._embed(images, timing):
             p = self.params_
-            self._batch_fg = np.stack([foreground_mask(f, p.mask_threshold) for f in feats]) if p.masking else None
+            self._batch_fg = (np.stack([foreground_mask(f, p.threshold(), morphology=p.mask_morphology) for f in feats])
+                              if p.masking_on() else None)
             yield feats, batch
 
     def _fit(self, images: list) -> None:
@@ -139,7 +190,7 @@ class FoundationPatchKNN(PatchKNNDetector):
         bank = []
         for feats, _ in self._embed(refs, self.timing_):
             flat = feats.reshape(-1, feats.shape[-1])  # (B*h*w, D); grids may differ between images
-            bank.append(flat[self._batch_fg.ravel()] if p.mask_reference else flat)
+            bank.append(flat[self._batch_fg.ravel()] if p.mask_reference and self._batch_fg is not None else flat)
         feats = np.concatenate(bank)
         t0 = time.perf_counter()
         self._build_memory(feats, None)
@@ -158,6 +209,20 @@ class FoundationPatchKNN(PatchKNNDetector):
                 keep = np.random.default_rng(p.seed).choice(len(features), size=n, replace=False)
             features = features[np.sort(keep)]
         self.memory_ = np.ascontiguousarray(features, dtype=np.float32)
+
+    def _maps(self, patch: np.ndarray, batch) -> list[np.ndarray]:
+        if self.params_.blur_at == "input":
+            return super()._maps(patch, batch)
+        # The reference's dists2map: cv2.resize of the distance grid to the original image size,
+        # then scipy gaussian_filter(sigma=4) there. Here the size is that of the box of the
+        # original image the input shows (the whole image unless cropped to the patch multiple);
+        # the engine then has nothing left to resize.
+        out = []
+        for grid, box, hw in zip(patch, batch.boxes, batch.orig_hw):
+            y0, x0 = max(0, int(round(box[0]))), max(0, int(round(box[1])))
+            y1, x1 = min(int(hw[0]), int(round(box[2]))), min(int(hw[1]), int(round(box[3])))
+            out.append(upsample(grid[None], (y1 - y0, x1 - x0), self.params_.blur_sigma)[0])
+        return out
 
     def _score_patches(self, dists: np.ndarray, idx: np.ndarray) -> np.ndarray:
         scores = dists[:, 0]

@@ -23,7 +23,9 @@ from .base import register_detector
 
 class OpenCLIPPatchKNNParams(FoundationPatchParams):
     backbone: str = Field("openclip:ViT-B-16", description="openclip:<model> (or timm:/torchvision: stand-ins)")
-    mask_threshold: float = Field(10.0, description="first-PCA-component threshold (feature units of the chosen tower)")
+    mask_threshold: float | None = Field(
+        None, description="first-PCA-component threshold in the chosen tower's feature units: required with masking "
+        "(AnomalyDINO's 10 is a DINOv2 ViT-S/14 value and means nothing for a CLIP tower)")
 
 
 @register_detector
