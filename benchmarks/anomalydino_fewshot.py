@@ -80,7 +80,8 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {r['label']} | {r['shots']} | {'8 rotations' if r['rotation'] else 'no'} | {len(r['seeds'])} | "
                      + " | ".join(cell(r[m]) for m in ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap"))
                      + f" | {r['fit_s_mean']:.1f} | {r['predict_s_per_image_mean']:.3f} |")
-    lines += ["", "mean ± sample std [min, max] over seeds; few-shot images drawn by `dataset.shots` with the seed.",
+    lines += ["", "mean ± sample std [min, max] over seeds; few-shot images chosen by `dataset.shots` with the seed "
+              "(`dataset.shots_protocol`: the reference's sorted slice unless the run set `random`).",
               f"Machine: {doc['versions']['platform']}, torch {doc['versions']['torch']}; times are wall-clock on a shared machine.", ""]
     return "\n".join(lines)
 

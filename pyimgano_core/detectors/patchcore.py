@@ -1,9 +1,10 @@
 """PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
 
 Paper: https://arxiv.org/abs/2106.08265 . Memory bank of locally aware patch features from
-two mid-level layers, subsampled by greedy k-center coreset; a test patch scores its distance
-to the nearest memory entry; the image score is the maximum patch score; the map is the patch
-grid upsampled bilinearly and blurred with a Gaussian of sigma 4.
+two mid-level layers, subsampled by greedy k-center coreset; a test patch scores its squared L2
+distance to the nearest memory entry (the reference code's faiss ``IndexFlatL2``; ``distance:
+euclidean`` for the square root); the image score is the maximum patch score; the map is the
+patch grid upsampled bilinearly to the model input and blurred there with a Gaussian of sigma 4.
 
 Example
 -------
