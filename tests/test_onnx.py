@@ -33,7 +33,7 @@ from pyimgano_core.deploy.onnx_export import export_onnx  # noqa: E402
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-CNN = dict(backbone="mobilenet_v2", layers=["features.3", "features.6"], weights=None, image_size=48, crop=None,
+CNN = dict(backbone="mobilenet_v2", layers=["features.3", "features.6"], weights=None, image_size=48, crop=None, resize_mode="squash",
            coreset_ratio=0.5, pretrain_embed_dim=40, target_embed_dim=32)
 SETTINGS = {
     "patchcore_max": ("patchcore", CNN),
@@ -41,7 +41,7 @@ SETTINGS = {
     "softpatch_soft_weights": ("softpatch", CNN),
     "softpatch_hard_filter_crop": ("softpatch", dict(CNN, soft_weight=False, noise_discriminator="nearest", image_size=56, crop=48)),
     "anomalydino_cnn": ("anomalydino", dict(backbone="torchvision:mobilenet_v2", layers=["features.3", "features.6"],
-                                            weights=None, image_size=48)),
+                                            weights=None, image_size=48, blur_at="input")),  # the graph blurs at the input
 }
 
 
@@ -146,7 +146,7 @@ def test_refusals_are_one_line(tmp_path):
     assert res.exit_code == 4 and "'anomalib_checkpoint' is not supported" in res.output
     res = runner.invoke(app, ["export-onnx", str(folder), "--opset", "9"])
     assert res.exit_code == 4 and len(res.output.strip().splitlines()) == 1
-    dino = _saved(tmp_path / "d", "anomalydino", dict(SETTINGS["anomalydino_cnn"][1], masking=True), calibrated=False)
+    dino = _saved(tmp_path / "d", "anomalydino", dict(SETTINGS["anomalydino_cnn"][1], masking=True, mask_threshold=1.0), calibrated=False)
     res = runner.invoke(app, ["export-onnx", str(dino)])
     assert res.exit_code == 4 and "masking" in res.output
 
