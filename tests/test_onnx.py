@@ -44,6 +44,18 @@ SETTINGS = {
                                             weights=None, image_size=48, blur_at="input")),  # the graph blurs at the input
 }
 
+# settings that exist only once the detectors have them (squared distances; faiss for the exact search)
+_CNN_FIELDS = create_detector("patchcore").Params.model_fields
+if "distance" in _CNN_FIELDS:
+    SETTINGS["softpatch_squared"] = ("softpatch", dict(CNN, distance="squared"))
+    SETTINGS["patchcore_euclidean_even_patch"] = ("patchcore", dict(CNN, distance="euclidean", patch_size=2))
+try:
+    import faiss  # noqa: F401
+
+    SETTINGS["patchcore_faiss_exact"] = ("patchcore", dict(CNN, knn_backend="faiss"))
+except ImportError:
+    pass
+
 
 # ------------------------------------------------------------------ graph pieces vs references
 @pytest.mark.parametrize("n,pad", [(7, 3), (5, 5), (3, 7)])
@@ -146,6 +158,10 @@ def test_refusals_are_one_line(tmp_path):
     assert res.exit_code == 4 and "'anomalib_checkpoint' is not supported" in res.output
     res = runner.invoke(app, ["export-onnx", str(folder), "--opset", "9"])
     assert res.exit_code == 4 and len(res.output.strip().splitlines()) == 1
+    if "knn_index" in _CNN_FIELDS and "patchcore_faiss_exact" in SETTINGS:
+        hnsw = _saved(tmp_path / "h", "patchcore", dict(CNN, knn_index="hnsw"), calibrated=False)
+        res = runner.invoke(app, ["export-onnx", str(hnsw)])
+        assert res.exit_code == 4 and "knn_index 'hnsw'" in res.output and len(res.output.strip().splitlines()) == 1
     dino = _saved(tmp_path / "d", "anomalydino", dict(SETTINGS["anomalydino_cnn"][1], masking=True, mask_threshold=1.0), calibrated=False)
     res = runner.invoke(app, ["export-onnx", str(dino)])
     assert res.exit_code == 4 and "masking" in res.output

@@ -145,16 +145,16 @@ def compare(torch_model, onnx_model, images) -> dict:
     """Both runtimes through the engine's score_stream: largest score/map differences, decisions."""
     from ..engine import score_stream
 
-    ref = list(score_stream(torch_model, images))
-    got = list(score_stream(onnx_model, images))
-    return compare_scored(ref, got, torch_model.thresholds)
+    # the two streams advance together: memory holds one chunk of maps per runtime
+    return compare_scored(score_stream(torch_model, images), score_stream(onnx_model, images), torch_model.thresholds)
 
 
-def compare_scored(ref: list, got: list, thresholds) -> dict:
-    """Differences of two lists of :class:`~pyimgano_core.engine.Scored` for the same images."""
+def compare_scored(ref, got, thresholds) -> dict:
+    """Differences of two streams of :class:`~pyimgano_core.engine.Scored` for the same images."""
     s_abs = s_rel = m_abs = m_rel = 0.0
-    flips = 0
+    flips = n = flagged = 0
     for a, b in zip(ref, got, strict=True):
+        n += 1
         if a.error or b.error:
             raise DataError(a.error or b.error)
         d = abs(a.score - b.score)
@@ -166,9 +166,11 @@ def compare_scored(ref: list, got: list, thresholds) -> dict:
             m_abs, m_rel = max(m_abs, dm), max(m_rel, dm / max(float(np.max(np.abs(a.amap))), 1e-30))
         if thresholds is not None:
             flips += (a.score >= thresholds.image) != (b.score >= thresholds.image)
-    return {"n_images": len(ref), "max_score_abs_diff": s_abs, "max_score_rel_diff": s_rel,
+            flagged += a.score >= thresholds.image
+    return {"n_images": n, "max_score_abs_diff": s_abs, "max_score_rel_diff": s_rel,
             "max_map_abs_diff": m_abs, "max_map_rel_diff": m_rel,
-            "decision_flips": int(flips) if thresholds is not None else None}
+            "decision_flips": int(flips) if thresholds is not None else None,
+            "n_anomalous_torch": int(flagged) if thresholds is not None else None}
 
 
 def graph_io(input_hw: tuple[int, int], grid_hw: tuple[int, int]) -> dict:
