@@ -35,8 +35,7 @@ runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
 CNN = dict(backbone="mobilenet_v2", layers=["features.3", "features.6"], weights=None, image_size=48, crop=None, resize_mode="squash",
            coreset_ratio=0.5, pretrain_embed_dim=40, target_embed_dim=32)
-SETTINGS = {
-    "patchcore_max": ("patchcore", CNN),
+SETTINGS = {  # patchcore with defaults (max, blur 4) is the CLI fixture's model below
     "patchcore_topk_mean_no_blur": ("patchcore", dict(CNN, aggregation="topk_mean", topk_ratio=0.1, blur_sigma=0.0)),
     "softpatch_soft_weights": ("softpatch", CNN),
     "softpatch_hard_filter_crop": ("softpatch", dict(CNN, soft_weight=False, noise_discriminator="nearest", image_size=56, crop=48)),
@@ -124,12 +123,21 @@ def test_export_parity_per_setting(setting, tmp_path):
     assert np.nanmax(np.abs(a.anomaly_map - b.anomaly_map)) <= 1e-4 * np.nanmax(np.abs(a.anomaly_map))
 
 
-def test_uncalibrated_model_uses_synthetic_parity_images(tmp_path):
-    folder = _saved(tmp_path, "patchcore", CNN, calibrated=False)
+def test_uncalibrated_model_synthetic_parity_and_tampered_graph(tmp_path):
+    folder = _saved(tmp_path, "softpatch", CNN, calibrated=False)
+    with pytest.raises(ModelError, match="no ONNX graph"):
+        load_model(folder, runtime="onnx")
     info = export_onnx(folder, out=tmp_path / "elsewhere" / "g.onnx")
     assert info["parity"]["images"].startswith("synthetic") and info["parity"]["decision_flips"] is None
-    assert Path(info["file"]).is_absolute()
+    assert Path(info["file"]).is_absolute() and info["parity"]["max_map_rel_diff"] <= 1e-4
     assert load_model(folder, runtime="onnx").predict(_images(tmp_path / "x", 1)[0]).is_anomalous is None
+    data = bytearray(Path(info["file"]).read_bytes())
+    data[-1] ^= 1  # one flipped bit in the graph file
+    Path(info["file"]).write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="does not match .* recorded in model.json"):
+        load_model(folder, runtime="onnx")
+    res = runner.invoke(app, ["export-maps", "--runtime", "onnx", "--model", str(folder), "--input", str(tmp_path / "x"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 4 and "sha256" in res.output and len(res.output.strip().splitlines()) == 1
 
 
 def test_parity_failure_writes_nothing(tmp_path, monkeypatch):
@@ -165,18 +173,6 @@ def test_refusals_are_one_line(tmp_path):
     dino = _saved(tmp_path / "d", "anomalydino", dict(SETTINGS["anomalydino_cnn"][1], masking=True, mask_threshold=1.0), calibrated=False)
     res = runner.invoke(app, ["export-onnx", str(dino)])
     assert res.exit_code == 4 and "masking" in res.output
-
-
-def test_tampered_or_missing_graph_is_refused(tmp_path):
-    folder = _saved(tmp_path, "softpatch", CNN, calibrated=False)
-    with pytest.raises(ModelError, match="no ONNX graph"):
-        load_model(folder, runtime="onnx")
-    assert runner.invoke(app, ["export-onnx", str(folder)]).exit_code == 0
-    data = bytearray((folder / "model.onnx").read_bytes())
-    data[-1] ^= 1
-    (folder / "model.onnx").write_bytes(bytes(data))
-    with pytest.raises(ModelError, match="does not match .* recorded in model.json"):
-        load_model(folder, runtime="onnx")
 
 
 # ------------------------------------------------------------------ CLI and the torch-free path
