@@ -90,8 +90,9 @@ def run_one(key: str, models: Path, n_latency: int, threads: int) -> dict:
 
 def markdown(res: dict) -> str:
     lines = ["# ONNX export: parity with the torch path and latency (MVTec AD bottle, MobileNetV2)", "",
-             f"`python benchmarks/onnx_parity.py` ({res['date']}, {res['machine']}). The machine was shared with "
-             "~7 other engineers' jobs during the run: latencies are noisy, compare the ratio within the run.", "",
+             f"`python benchmarks/onnx_parity.py [--only NAME]` ({res['machine']}; each row's date below). The machine was "
+             "shared with ~7 other engineers' jobs (load average ~15-20 on 2 cores): latencies are noisy and slow, "
+             "compare the ratio within a row (one process, images alternating).", "",
              "| config | test images | max score diff (rel / abs) | max map diff (rel / abs) | decision flips | "
              "torch s/img | ORT s/img | ORT/torch |", "|---|---|---|---|---|---|---|---|"]
     for key, r in res["runs"].items():
@@ -105,7 +106,7 @@ def markdown(res: dict) -> str:
               "over the first test images, one image per call end to end (decode, resize, network, kNN, maps, "
               "back to 900x900), torch and onnxruntime alternating, each on 2 threads."]
     for key, r in res["runs"].items():
-        lines.append(f"- {key}: memory bank {r['memory_bank']}, ONNX file {r['onnx_file_mb']:.1f} MiB, export + its parity "
+        lines.append(f"- {key} ({r.get('date', res['date'])}): memory bank {r['memory_bank']}, ONNX file {r['onnx_file_mb']:.1f} MiB, export + its parity "
                      f"check {r['export_s']:.0f} s; export-time check on {r['export_parity']['n_images']} "
                      f"{r['export_parity']['images']}: score {r['export_parity']['max_score_rel_diff']:.1e}, map "
                      f"{r['export_parity']['max_map_rel_diff']:.1e} (tolerance {r['export_parity']['rtol']:g}).")
@@ -121,8 +122,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "reports/onnx_parity")
     args = ap.parse_args()
     os.chdir(ROOT)
+    runs = {k: run_one(k, args.models, args.latency_images, args.threads) for k in args.only}
+    for r in runs.values():
+        r["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    old = args.out.with_suffix(".json")
+    if old.is_file():  # --only adds its configs to an earlier run's file
+        runs = {**json.loads(old.read_text()).get("runs", {}), **runs}
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-           "runs": {k: run_one(k, args.models, args.latency_images, args.threads) for k in args.only}}
+           "runs": runs}
     import onnxruntime
     import torch
 
