@@ -33,3 +33,18 @@ def write_config(path: Path, root: Path, detector: str = "patchcore", params: di
     cfg.update(extra)
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+class PyramidEmbedder:
+    """Deterministic multi-scale features from pixels, like a CNN's taps at strides 4, 8, 16.
+
+    float [B, 3, H, W] -> [B, 6, H/s, W/s] per stride s: each cell's colour mean and std.
+    """
+
+    def __call__(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for s in (4, 8, 16):
+            mean = F.avg_pool2d(pixels, s)
+            std = (F.avg_pool2d(pixels * pixels, s) - mean * mean).clamp_min(0).sqrt()
+            out.append(torch.cat([mean, std * 4], 1))
+        return out

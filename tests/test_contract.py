@@ -10,7 +10,7 @@ import pytest
 from pyimgano_core.detectors import create_detector, list_detectors
 from pyimgano_core.errors import NotFittedError
 from pyimgano_core.model import Model
-from tests.helpers import PixelEmbedder
+from tests.helpers import PixelEmbedder, PyramidEmbedder
 from tests.synth import normal_image, plant_blob
 
 SMALL = {"image_size": 48, "crop": None, "coreset_ratio": 0.5, "batch_size": 4}
@@ -21,6 +21,8 @@ CASES = {
     "softpatch": dict(embedder=PixelEmbedder(), **SMALL),
     "anomalydino": dict(embedder=PixelEmbedder(), image_size=48),
     "openclip_patchknn": dict(embedder=PixelEmbedder(), image_size=48),
+    "msflow": dict(embedder=PyramidEmbedder(), image_size=64, cond_channels=4, parallel_blocks=[1, 1, 1],
+                   max_epochs=12, batch_size=4, lr=1e-3, lr_warmup_epochs=2),
 }
 NEEDS_EXTERNAL = {n for n in list_detectors() if n.endswith("_anomalib") or n == "anomalib_checkpoint"}
 
