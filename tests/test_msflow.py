@@ -68,8 +68,13 @@ def test_nonfinite_loss_stops_with_one_line_and_leaves_no_model():
 def test_backbone_runs_once_per_training_image_and_progress_is_reported(tmp_path):
     emb, seen = CountingEmbedder(), []
     det = create_detector("msflow", embedder=emb, on_epoch=lambda info, d: seen.append(dict(info)), max_epochs=4, **TINY)
+    stages = []
+    det.fit_progress = lambda stage, done, total: stages.append((stage, done, total))
     train = images(6, 0)
     det.fit(train)
+    assert stages[0] == ("extracting features", 4, 6) and stages[1] == ("extracting features", 6, 6)
+    assert [s[1:] for s in stages[2:]] == [(e, 4) for e in (1, 2, 3, 4)]
+    assert stages[-1][0] == f"training (loss {seen[-1]['loss']:.4f} nats/dim)"
     assert emb.images == len(train)  # features cached: 4 epochs, one backbone pass per image
     assert [s["epoch"] for s in seen] == [1, 2, 3, 4] and all(s["epochs"] == 4 for s in seen)
     assert all(np.isfinite(s["loss"]) for s in seen) and seen[-1]["loss"] < seen[0]["loss"]

@@ -96,11 +96,14 @@ class MSFlow(Detector):
 
     ``embedder``: optional injected multi-scale feature extractor (tests, custom models).
     ``on_epoch``: optional callback ``on_epoch(info, detector)`` after every training epoch;
-    ``info`` = {epoch, epochs, loss (nats per dimension), lr, seconds}. Progress is also logged.
+    ``info`` = {epoch, epochs, loss (nats per dimension), lr, seconds}. Progress is also logged,
+    and reported to ``fit_progress(stage, done, total)`` when a caller (the engine's progress
+    bar) sets it: feature extraction per image, then training per epoch with the loss.
     """
 
     name = "msflow"
     Params = MSFlowParams
+    fit_progress: Callable[[str, int, int | None], None] | None = None
 
     def __init__(self, embedder: MultiScaleEmbedder | None = None, on_epoch: Callable | None = None, **params):
         super().__init__(**params)
@@ -148,7 +151,10 @@ class MSFlow(Detector):
         p = self.params_
         t0 = time.perf_counter()
         # The backbone runs once per training image: its pooled features are kept for all epochs.
-        chunks = [f for f, _ in self._features(images, self.timing_)]
+        chunks = []
+        for f, _ in self._features(images, self.timing_):
+            chunks.append(f)
+            self._progress("extracting features", sum(len(c[0]) for c in chunks), len(images))
         feats = [torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))]  # per scale (N, C, h, w)
         del chunks
         self.timing_["features_s"] = time.perf_counter() - t0
@@ -159,6 +165,10 @@ class MSFlow(Detector):
             self.flow_ = self._build_flow().to(p.device)
         self.history_: list[dict] = []
         self._train(feats)
+
+    def _progress(self, stage: str, done: int, total: int) -> None:
+        if self.fit_progress is not None:
+            self.fit_progress(stage, done, total)
 
     def _build_flow(self) -> MultiScaleFlow:
         p = self.params_
@@ -198,6 +208,7 @@ class MSFlow(Detector):
             self.history_.append(info)
             log.info("msflow epoch %d/%d  loss %.4f nats/dim  lr %.2e  %.1fs", info["epoch"], p.max_epochs,
                      info["loss"], lr, info["seconds"])
+            self._progress(f"training (loss {info['loss']:.4f} nats/dim)", epoch + 1, p.max_epochs)
             if self.on_epoch is not None:
                 self.on_epoch(info, self)
         self.timing_["train_s"] = time.perf_counter() - t_train
