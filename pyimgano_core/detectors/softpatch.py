@@ -232,6 +232,12 @@ class SoftPatch(PatchKNNDetector):
         self.n_excluded_patches_ = int(len(scores) - np.count_nonzero(scores <= cutoff))
         self.timing_.update(noise_projection_s=t1 - t0, noise_scoring_s=t2 - t1, coreset_s=t3 - t2)
 
+    def _memory_needs(self, n_patches: int, dim: int) -> dict[str, int]:
+        # + the noise projection of every training patch, its scores, and a chunk of per-position sets
+        needs = super()._memory_needs(n_patches, dim)
+        needs["noise_scoring"] = n_patches * (min(self.params_.noise_projection_dim, dim) * 4 + 24) + 8 * _CHUNK_ELEMENTS
+        return needs
+
     def _score_patches(self, dists: np.ndarray, idx: np.ndarray) -> np.ndarray:
         if not self.params_.soft_weight:
             return dists[:, 0]
