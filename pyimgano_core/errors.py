@@ -45,4 +45,4 @@ class OptionalDependencyError(PyimganoError):
 class ResourceError(PyimganoError):
     """The run needs more memory or disk than allowed or available (a limit, a full disk)."""
 
-    exit_code = 6
+    exit_code = 7  # (6: a --fail-under gate)

@@ -11,7 +11,7 @@ reads only use the page cache, which the kernel reclaims.
 The folder is removed when the ``with`` block ends, whatever ends it: normal exit, an error,
 Ctrl-C, or SIGTERM (turned into ``SystemExit(143)`` while the store is open, in the main
 thread). A full disk or an unwritable folder raises :class:`~pyimgano_core.errors.ResourceError`
-(one line, exit code 6) after removing what was written.
+(one line, exit code 7) after removing what was written.
 """
 from __future__ import annotations
 
