@@ -73,14 +73,14 @@ def write_manifest(path: Path, train: list[Path]) -> None:
             wr.writerow([p, "test", "good" if defect == "good" else "bad", mask, defect])
 
 
-def run_one(work: Path, n: int, ratio: float, method: str) -> dict:
+def run_one(work: Path, n: int, ratio: float, method: str, chunk_points: int) -> dict:
     train = build_train(work, n)
     manifest = work / f"manifest_{n}.csv"
     write_manifest(manifest, train)
     cfg = yaml.safe_load((REPO / "configs/mvtec_patchcore_mobilenet.yaml").read_text())
-    cfg["name"] = f"scale_{n}_{ratio}_{method}"
+    cfg["name"] = f"scale_{n}_{ratio}_{method}_{chunk_points}"
     cfg["dataset"] = {"type": "manifest", "path": str(manifest), "category": "bottle"}
-    cfg["detector"]["params"].update(coreset_ratio=ratio, coreset_method=method, spill_dir=str(work),
+    cfg["detector"]["params"].update(coreset_ratio=ratio, coreset_method=method, coreset_chunk_points=chunk_points, spill_dir=str(work),
                                      weights=str(REPO.parent / "shared/weights/mobilenet_v2-b0353104.pth"))
     cfg["output"] = {"root": str(work / "reports")}
     cfg_path = work / f"{cfg['name']}.yaml"
@@ -98,7 +98,8 @@ def run_one(work: Path, n: int, ratio: float, method: str) -> dict:
     features = d.get("load_s", 0) + d.get("embed_s", 0)
     coreset = d.get("coreset_s", 0)
     return {
-        "n_images": n, "coreset_ratio": ratio, "coreset_method": method, "patches": d.get("spill", {}).get("rows"),
+        "n_images": n, "coreset_ratio": ratio, "coreset_method": method,
+        "chunk_points": chunk_points if method == "chunked" else None, "chunks": d.get("coreset_chunks"), "patches": d.get("spill", {}).get("rows"),
         "fit_s": round(t["fit_s"], 1), "features_s": round(features, 1), "coreset_s": round(coreset, 1),
         "rest_s": round(t["fit_s"] - features - coreset, 1), "touched_fraction": d.get("coreset_touched_fraction"),
         "expected_peak_gib": d.get("estimate", {}).get("expected_peak_gib"),
@@ -111,18 +112,19 @@ def run_one(work: Path, n: int, ratio: float, method: str) -> dict:
 def write_reports(out: Path, rows: list[dict]) -> None:
     path = out / "scale.json"
     old = json.loads(path.read_text()) if path.exists() else []
-    keyed = {(r["n_images"], r["coreset_ratio"], r["coreset_method"]): r for r in old + rows}
-    allrows = sorted(keyed.values(), key=lambda r: (r["coreset_ratio"] < 0.05, r["coreset_method"], r["n_images"]))
+    keyed = {(r["n_images"], r["coreset_ratio"], r["coreset_method"], r.get("chunk_points")): r for r in old + rows}
+    allrows = sorted(keyed.values(), key=lambda r: (r["coreset_ratio"] < 0.05, r["n_images"], r["coreset_method"]))
     path.write_text(json.dumps(allrows, indent=1) + "\n")
     lines = ["# Fit at scale: bottle-derived training sets, real bottle test split", "",
              "`python benchmarks/bench_scale.py --n N --ratio R --method M`: README PatchCore config (MobileNetV2, 224 squash);",
              "training = the 209 real images + rotated/shifted/brightness variants; 2 shared CPU cores (load average",
              "at the end of each run given: timings are noisy, accuracy is not). Peak RSS is the whole eval process.", "",
-             "| N | coreset | method | patches | fit s | features s | coreset s | rest s | touched | peak RSS GiB | image AUROC | pixel AUROC | AUPRO | load |",
+             "| N | coreset | method (chunks) | patches | fit s | features s | coreset s | rest s | touched | peak RSS GiB | image AUROC | pixel AUROC | AUPRO | load |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in allrows:
         tf = "-" if r["touched_fraction"] is None else f"{r['touched_fraction']:.4f}"
-        lines.append(f"| {r['n_images']} | {r['coreset_ratio']:.0%} | {r['coreset_method']} | {r['patches']:,} | {r['fit_s']} | "
+        chunks = "" if r.get("chunks") in (1, None) else f" ({r['chunks']})"
+        lines.append(f"| {r['n_images']} | {r['coreset_ratio']:.0%} | {r['coreset_method']}{chunks} | {r['patches']:,} | {r['fit_s']} | "
                      f"{r['features_s']} | {r['coreset_s']} | {r['rest_s']} | {tf} | {r['peak_rss_gib']} | "
                      f"{r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['load_average_1min']} |")
     (out / "scale.md").write_text("\n".join(lines) + "\n")
@@ -133,6 +135,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[209, 1000])
     ap.add_argument("--ratio", type=float, default=0.1)
     ap.add_argument("--method", choices=["greedy", "chunked"], default="greedy")
+    ap.add_argument("--chunk-points", type=int, default=200_000, help="coreset_chunk_points of the chunked method")
     ap.add_argument("--work", type=Path, default=None, help="folder for generated images (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated images")
     ap.add_argument("--out", type=Path, default=REPO / "reports")
@@ -141,7 +144,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         for n in args.n:
-            row = run_one(work, n, args.ratio, args.method)
+            row = run_one(work, n, args.ratio, args.method, args.chunk_points)
             print(json.dumps(row), flush=True)
             write_reports(args.out, [row])
     finally:

@@ -101,7 +101,7 @@ def test_fit_reports_spill_and_estimate_and_matches_in_memory_coreset(tmp_path):
     est = det.timing_["estimate"]
     assert est["patches"] == 384 and est["memory_bank_bytes"] == 96 * 27 * 4
     assert list(tmp_path.iterdir()) == []
-    assert ("extracting features", 6, 6) in stages and stages[-1] == ("coreset", 96, 96)
+    assert ("features", 6, 6) in stages and stages[-1] == ("coreset", 96, 96)
     # same memory as the coreset of the in-RAM features
     from pyimgano_core.detectors.coreset import greedy_coreset
 

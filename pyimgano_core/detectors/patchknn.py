@@ -217,8 +217,7 @@ class PatchKNNDetector(Detector):
         implies (and checked against ``max_memory_gb``) before the rest is extracted.
         ``transform(feats [B, h, w, D], batch) -> rows [n, D]`` selects/normalises rows.
         """
-        grid_hw, seen = None, 0
-        self._report("extracting features", 0, len(images))
+        grid_hw, seen, stage = None, 0, "extracting features"
         for feats, batch in self._embed(images, self.timing_):
             if seen == 0:
                 grid_hw = feats.shape[1:3]
@@ -228,10 +227,12 @@ class PatchKNNDetector(Detector):
                 grid_hw = None
             rows = feats.reshape(-1, feats.shape[-1]) if transform is None else transform(feats, batch)
             if seen == 0:
-                self._check_memory(int(round(len(rows) * len(images) / len(feats))), rows.shape[-1])
+                est = self._check_memory(int(round(len(rows) * len(images) / len(feats))), rows.shape[-1])
+                stage = (f"features: {est['patches']:,} patches, memory bank {est['memory_bank_bytes'] / 2**30:.2f} GiB, "
+                         f"expected peak {est['expected_peak_gib']:.1f} GiB")
             store.append(rows)
             seen += len(feats)
-            self._report("extracting features", seen, len(images))
+            self._report(stage, seen, len(images))
         return grid_hw
 
     # -- resources and progress ----------------------------------------------------------
@@ -251,7 +252,7 @@ class PatchKNNDetector(Detector):
             needs["coreset_search"] = pts * (proj * 4 + 110) + picks * (proj * 4 + 4)
         return needs
 
-    def _check_memory(self, n_patches: int, dim: int) -> None:
+    def _check_memory(self, n_patches: int, dim: int) -> dict:
         """Log (and keep in ``timing_['estimate']``) the expected peak; stop if over ``max_memory_gb``."""
         needs = self._memory_needs(n_patches, dim)
         read = 2 * (1 << 14) * dim * 4  # a chunk of spilled rows being read, plus its projection
@@ -269,6 +270,7 @@ class PatchKNNDetector(Detector):
                 f"the fit would need about {peak / 2**30:.1f} GiB ({n_patches:,} training patches x {dim} dims, "
                 f"memory bank {needs['memory_bank'] / 2**30:.1f} GiB) but max_memory_gb is {limit:g}: lower "
                 f"coreset_ratio, image_size, or tap a smaller (shallower) layer, or use fewer training images")
+        return est
 
     def _report(self, stage: str, done: int, total: int | None) -> None:
         if self.fit_progress is not None:
