@@ -88,10 +88,6 @@ class _Greedy:
         self.min_d = np.full(N, np.inf)
         self.assign = np.zeros(N, np.intp)
         self.lim = np.full(N, np.inf, np.float32)  # >= 2 |x - a|, rounded up
-        # tests 2 and 3 as "slack - 2 <row, c> < -(1 - err) |c|^2", the per-point part kept up to date:
-        # slack = (1 - err) |row|^2 - (1 + margin) min_d
-        self.z_slack = np.full(N, -np.inf)
-        self.x_slack = np.full(N, -np.inf)
         self.centers = np.empty((n, d), np.float32)
         self.center_sq = np.empty(n, np.float32)
         self.touched = 0
@@ -106,20 +102,20 @@ class _Greedy:
             d2 = a_sq - 2.0 * (self.centers[:i] @ c) + c_sq
             low = np.sqrt(np.maximum(d2 - self.err * (a_sq + c_sq), 0.0))  # <= |c - a|
             rows = np.flatnonzero(np.take(low, self.assign) < self.lim)
-            zc = self.z[idx]
-            keep = self.z_slack[rows] - 2.0 * (self.z[rows] @ zc) < -(1.0 - self.err) * float(self.zsq[idx])
-            rows = rows[keep]
+            zc, zc_sq = self.z[idx], self.zsq[idx]
+            z_sq = self.zsq[rows]
+            z2 = z_sq - 2.0 * (self.z[rows] @ zc) + zc_sq
+            rows = rows[z2 - self.err * (z_sq + zc_sq) < self.min_d[rows] * (1.0 + _MARGIN)]
         self.touched += len(rows)
-        keep = self.x_slack[rows] - 2.0 * (self.x[rows] @ c) < -(1.0 - self.err) * float(c_sq)
-        rows = rows[keep]
+        x_sq = self.sq[rows]
+        d32 = x_sq - 2.0 * (self.x[rows] @ c) + c_sq
+        rows = rows[d32 - self.err * (x_sq + c_sq) < self.min_d[rows] * (1.0 + _MARGIN)]
         d = _sqdist(self.x[rows], c.astype(np.float64))
         closer = d < self.min_d[rows]
         rows, d = rows[closer], d[closer]
         self.min_d[rows] = d
         self.assign[rows] = i
         self.lim[rows] = (2.0 * np.sqrt(d) * (1.0 + _MARGIN)).astype(np.float32)
-        self.z_slack[rows] = (1.0 - self.err) * self.zsq[rows] - (1.0 + _MARGIN) * d
-        self.x_slack[rows] = (1.0 - self.err) * self.sq[rows] - (1.0 + _MARGIN) * d
         self.centers[i], self.center_sq[i] = c, c_sq
 
 
