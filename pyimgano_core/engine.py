@@ -58,6 +58,20 @@ class Scored:
     error: str | None = None
 
 
+class StageProgress:
+    """Adapts a detector's ``fit_progress(stage, done, total)`` calls to a :class:`Progress` bar per stage."""
+
+    def __init__(self, progress: Progress, prefix: str = ""):
+        self.progress, self.prefix, self.stage, self.done = progress, prefix, None, 0
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if stage != self.stage:
+            self.progress.start(f"{self.prefix}{stage}", total)
+            self.stage, self.done = stage, 0
+        self.progress.advance(done - self.done)
+        self.done = done
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -77,6 +91,8 @@ def build_model(cfg: ExperimentConfig, split: Split, progress: Progress | None =
     fit_samples = select_shots(fit_samples, cfg.dataset.shots, cfg.seed, cfg.dataset.shots_protocol)
     detector = create_detector(cfg.detector.name, **cfg.detector_params(split.name))
     progress.start(f"[{split.name}] fitting {cfg.detector.name} on {len(fit_samples)} images", None)
+    if hasattr(detector, "fit_progress"):  # stages with counts and an ETA (features, coreset)
+        detector.fit_progress = StageProgress(progress, f"[{split.name}] {cfg.detector.name}: ")
     t0 = time.perf_counter()
     detector.fit([s.path for s in fit_samples])
     timing = {"fit_s": time.perf_counter() - t0, "fit_detail": dict(getattr(detector, "timing_", {}))}

@@ -40,3 +40,9 @@ class OptionalDependencyError(PyimganoError):
     """An optional package is needed for the requested feature but is not installed."""
 
     exit_code = 5
+
+
+class ResourceError(PyimganoError):
+    """The run needs more memory or disk than allowed or available (a limit, a full disk)."""
+
+    exit_code = 7  # (6: a --fail-under gate)

@@ -1,23 +1,98 @@
-"""Greedy k-center coreset against a plain reference, across the thread-probe blocks."""
+"""Pruned greedy k-center against a plain reference loop: identical picks, ties included."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
-from pyimgano_core.detectors.patchknn import greedy_coreset
+from pyimgano_core.detectors.coreset import greedy_coreset, kcenter
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+BOTTLE = SHARED / "data/mvtec_ad/bottle/train/good"
+WEIGHTS = SHARED / "weights/mobilenet_v2-b0353104.pth"
 
 
-def test_greedy_coreset_matches_plain_reference_over_several_blocks():
-    f = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)
-    picks = greedy_coreset(f, 2500, proj_dim=0, seed=5)  # the block probes both 1 and 2 BLAS threads
-    idx = int(np.random.default_rng(5).integers(len(f)))
-    d = np.full(len(f), np.inf)
-    ref = []
-    for _ in range(2500):
-        ref.append(idx)
-        d = np.minimum(d, ((f.astype(np.float64) - f[idx]) ** 2).sum(1))
-        idx = int(d.argmax())
-    # float32 vs float64 distances may break an exact tie differently very late; the first
-    # picks (the ones that matter) must agree exactly, and picks never repeat
-    assert picks[:500].tolist() == ref[:500]
-    assert len(set(picks.tolist())) == len(picks)
-    np.testing.assert_array_equal(picks, greedy_coreset(f, 2500, proj_dim=0, seed=5))
+def plain_greedy(x: np.ndarray, n: int, first: int) -> list[int]:
+    """Textbook greedy k-center (Gonzalez 1985): every pick updates every point, float64."""
+    x = np.asarray(x, dtype=np.float64)
+    d = np.full(len(x), np.inf)
+    picks, idx = [], first
+    for _ in range(n):
+        picks.append(idx)
+        d = np.minimum(d, ((x - x[idx]) ** 2).sum(1))
+        idx = int(np.argmax(d))  # ties: lowest index
+    return picks
+
+
+def test_identical_to_plain_loop_with_ties_and_duplicates():
+    rng = np.random.default_rng(0)
+    grid = rng.integers(0, 4, (1500, 6)).astype(np.float32)  # integer points: exact distances, many ties
+    x = np.concatenate([grid, grid[::3], grid[:50]])  # exact duplicates, after and among the originals
+    picks, stats = kcenter(x, 1200, first=7)  # past the ~1000 distinct points: then all remaining are ties at 0
+    assert picks.tolist() == plain_greedy(x, 1200, 7)
+    assert 0 < stats["touched_fraction"] < 1
+
+
+def test_identical_to_plain_loop_on_clustered_floats():
+    rng = np.random.default_rng(1)
+    centers = rng.standard_normal((40, 24)) * 5
+    x = (centers[rng.integers(0, 40, 6000)] + rng.standard_normal((6000, 24)) * rng.uniform(0.1, 1, (6000, 1)))
+    x = x.astype(np.float32)
+    picks, stats = kcenter(x, 900, first=123)
+    assert picks.tolist() == plain_greedy(x, 900, 123)
+    assert stats["touched_fraction"] < 0.5  # pruning does skip most points
+
+
+def test_greedy_coreset_is_seeded_projection_then_plain_greedy():
+    rng = np.random.default_rng(2)
+    f = rng.standard_normal((3000, 64)).astype(np.float32)
+    seed = 5
+    r = np.random.default_rng(seed)  # the documented draws: projection matrix, then the first pick
+    proj = (r.standard_normal((64, 16)) / np.sqrt(16)).astype(np.float32)
+    first = int(r.integers(3000))
+    picks = greedy_coreset(f, 300, proj_dim=16, seed=seed)
+    assert picks.tolist() == plain_greedy(f @ proj, 300, first)
+    rows = np.arange(0, 3000, 2)  # candidates restricted to some rows: positions within them
+    sub = greedy_coreset(f, 100, proj_dim=16, seed=seed, rows=rows)
+    r = np.random.default_rng(seed)
+    proj = (r.standard_normal((64, 16)) / np.sqrt(16)).astype(np.float32)
+    assert sub.tolist() == plain_greedy(f[rows] @ proj, 100, int(r.integers(len(rows))))
+
+
+def test_chunked_coreset_is_exact_per_chunk():
+    rng = np.random.default_rng(3)
+    f = rng.standard_normal((5000, 8)).astype(np.float32)
+    stats: dict = {}
+    picks = greedy_coreset(f, 500, proj_dim=0, seed=1, method="chunked", chunk_points=2000, stats=stats)
+    assert stats["coreset_chunks"] == 3 and len(picks) == 500 and len(set(picks.tolist())) == 500
+    r = np.random.default_rng(1)
+    r.integers(5000)  # the unused whole-set first pick keeps the exact method's stream
+    for s, e, got in ((0, 1667, picks[:167]), (1667, 3333, picks[167:333]), (3333, 5000, picks[333:])):
+        assert got.tolist() == [s + i for i in plain_greedy(f[s:e], len(got), int(r.integers(e - s)))]
+    # one chunk = the exact method
+    np.testing.assert_array_equal(greedy_coreset(f, 50, 0, 1, method="chunked", chunk_points=10_000),
+                                  greedy_coreset(f, 50, 0, 1))
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not (BOTTLE.is_dir() and WEIGHTS.is_file()), reason="../shared (bottle + MobileNetV2) not present")
+def test_identical_to_plain_loop_on_real_bottle_features():
+    import torch
+
+    from pyimgano_core.detectors.patchcore import PatchCore
+
+    torch.set_num_threads(1)
+    det = PatchCore(backbone="mobilenet_v2", layers=["features.6", "features.13"], weights=str(WEIGHTS),
+                    image_size=224, crop=None)
+    det.params_ = det.Params.model_validate(det.params)
+    paths = sorted(BOTTLE.glob("*.png"))[:8]  # 8 images x 784 patches, 1024-d: the README config's features
+    feats = np.concatenate([f for f, _ in det._embed(paths, {})]).reshape(-1, 1024)
+    r = np.random.default_rng(0)
+    proj = (r.standard_normal((1024, 128)) / np.sqrt(128)).astype(np.float32)
+    x = feats @ proj
+    first = int(r.integers(len(x)))
+    n = len(x) // 10
+    picks, stats = kcenter(x, n, first)
+    assert picks.tolist() == plain_greedy(x, n, first)
+    assert stats["touched_fraction"] < 0.3

@@ -31,7 +31,8 @@ from pydantic import Field, model_validator
 from ..features.geometry import Geometry
 from ..features.vit import build_embedder, parse_backbone
 from .base import register_detector
-from .patchknn import PatchKNNDetector, PatchKNNParams, greedy_coreset, upsample
+from ..features.store import FeatureStore
+from .patchknn import PatchKNNDetector, PatchKNNParams, upsample
 
 ROTATION_ANGLES = (0, 45, 90, 135, 180, 225, 270, 315)  # the reference code's augmentation
 
@@ -73,8 +74,11 @@ class FoundationPatchParams(PatchKNNParams):
     category: str | None = Field(None, description="dataset category, set by the engine; selects the masking: reference entry")
     rotation: bool = Field(False, description=f"augment reference images by rotations {ROTATION_ANGLES}")
     coreset_ratio: float = Field(1.0, gt=0, le=1, description="share of reference patches kept in memory (1 = all, as the paper)")
-    coreset_method: Literal["greedy", "random"] = Field("greedy", description="greedy k-center coreset or a seeded random subset")
+    coreset_method: Literal["greedy", "chunked", "random"] = Field(
+        "greedy", description="greedy: exact greedy k-center; chunked: exact greedy per chunk of coreset_chunk_points "
+        "patches, union of the chunks (approximate, linear cost); random: a seeded random subset")
     coreset_projection_dim: int = Field(128, ge=1, description="random projection used by the greedy coreset")
+    coreset_chunk_points: int = Field(200_000, ge=1000, description="patches per chunk of the chunked coreset")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -187,28 +191,34 @@ class FoundationPatchKNN(PatchKNNDetector):
     def _fit(self, images: list) -> None:
         p = self.params_
         refs = RotatedImages(images) if p.rotation else images
-        bank = []
-        for feats, _ in self._embed(refs, self.timing_):
-            flat = feats.reshape(-1, feats.shape[-1])  # (B*h*w, D); grids may differ between images
-            bank.append(flat[self._batch_fg.ravel()] if p.mask_reference and self._batch_fg is not None else flat)
-        feats = np.concatenate(bank)
-        t0 = time.perf_counter()
-        self._build_memory(feats, None)
-        self.timing_["memory_s"] = time.perf_counter() - t0
-        self.n_train_patches_ = int(len(feats))
+
+        def rows(feats, batch):  # (B*h*w, D) L2-normalised; grids may differ between images
+            flat = feats.reshape(-1, feats.shape[-1])
+            flat = flat[self._batch_fg.ravel()] if p.mask_reference and self._batch_fg is not None else flat
+            return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+
+        with FeatureStore(p.spill_dir) as store:
+            self._spill(refs, store, transform=rows)
+            t0 = time.perf_counter()
+            self._build_memory(store, None)
+            self.timing_["memory_s"] = time.perf_counter() - t0
+            self.n_train_patches_ = int(len(store))
+            self.timing_["spill"] = store.describe()
+        self.timing_["spill"]["removed"] = store.removed
         self._index = None
 
-    def _build_memory(self, features: np.ndarray, grid_hw) -> None:
+    def _build_memory(self, features, grid_hw) -> None:
+        """Memory of the (already L2-normalised) reference patches, optionally subsampled."""
         p = self.params_
-        features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
         if p.coreset_ratio < 1:
             n = max(1, int(len(features) * p.coreset_ratio))
-            if p.coreset_method == "greedy":
-                keep = greedy_coreset(features, n, p.coreset_projection_dim, p.seed)
-            else:
+            if p.coreset_method == "random":
                 keep = np.random.default_rng(p.seed).choice(len(features), size=n, replace=False)
-            features = features[np.sort(keep)]
-        self.memory_ = np.ascontiguousarray(features, dtype=np.float32)
+            else:
+                keep = self._coreset(features, n)
+            self.memory_ = np.ascontiguousarray(features[np.sort(keep)], dtype=np.float32)
+        else:
+            self.memory_ = np.ascontiguousarray(features[:], dtype=np.float32)
 
     def _maps(self, patch: np.ndarray, batch) -> list[np.ndarray]:
         if self.params_.blur_at == "input":

@@ -24,7 +24,7 @@ from pydantic import Field
 from ..features.backbones import FeatureExtractor
 from ..features.patch_embed import LocalPatchEmbedder
 from .base import register_detector
-from .patchknn import PatchKNNDetector, PatchKNNParams, greedy_coreset
+from .patchknn import PatchKNNDetector, PatchKNNParams
 
 
 class CNNPatchParams(PatchKNNParams):
@@ -56,6 +56,10 @@ class CNNPatchParams(PatchKNNParams):
     target_embed_dim: int = Field(1024, ge=1, description="final patch feature dimension")
     coreset_ratio: float = Field(0.1, gt=0, le=1, description="share of training patches kept in memory (1 = all)")
     coreset_projection_dim: int = Field(128, ge=1, description="random projection used by the coreset search")
+    coreset_method: Literal["greedy", "chunked"] = Field(
+        "greedy", description="greedy: exact greedy k-center (the paper's picks); chunked: exact greedy per chunk of "
+        "coreset_chunk_points patches (training images in order), union of the chunks (approximate, linear cost)")
+    coreset_chunk_points: int = Field(200_000, ge=1000, description="patches per chunk of the chunked coreset")
 
 
 class PatchCoreParams(CNNPatchParams):
@@ -79,14 +83,15 @@ class PatchCore(PatchKNNDetector):
     def _make_embedder(self):
         return make_cnn_embedder(self.params_)
 
-    def _build_memory(self, features: np.ndarray, grid_hw) -> None:
+    def _build_memory(self, features, grid_hw) -> None:
         p = self.params_
         if p.coreset_ratio < 1:
             t0 = time.perf_counter()
-            keep = greedy_coreset(features, int(len(features) * p.coreset_ratio), p.coreset_projection_dim, p.seed)
-            features = features[np.sort(keep)]
+            keep = self._coreset(features, int(len(features) * p.coreset_ratio))
             self.timing_["coreset_s"] = time.perf_counter() - t0
-        self.memory_ = np.ascontiguousarray(features, dtype=np.float32)
+            self.memory_ = np.ascontiguousarray(features[np.sort(keep)], dtype=np.float32)
+        else:
+            self.memory_ = np.ascontiguousarray(features[:], dtype=np.float32)
 
     def _image_scores(self, patch: np.ndarray, dists, idx, feats) -> np.ndarray:
         b = self.params_.reweight_neighbors

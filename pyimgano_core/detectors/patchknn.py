@@ -1,26 +1,35 @@
 """The patch-kNN core shared by PatchCore, SoftPatch, AnomalyDINO and OpenCLIP patch kNN.
 
-Pure helpers (aggregation, grid reshape, map upsampling, greedy coreset, kNN search) and the
-:class:`PatchKNNDetector` base class that runs them: embed -> memory bank -> nearest-neighbour
-patch distances -> image score + anomaly map. Detectors differ only in their embedder, in how
-they build the memory bank and in how they turn neighbour distances into patch scores.
+Pure helpers (aggregation, grid reshape, map upsampling, kNN search; the greedy coreset lives
+in :mod:`.coreset`) and the :class:`PatchKNNDetector` base class that runs them: embed -> memory
+bank -> nearest-neighbour patch distances -> image score + anomaly map. Detectors differ only in
+their embedder, in how they build the memory bank and in how they turn neighbour distances into
+patch scores. Training features go through a disk-backed :class:`~..features.store.FeatureStore`
+(bounded memory), with an up-front memory estimate checked against ``max_memory_gb``.
 """
 from __future__ import annotations
 
+import logging
+import os
 import time
-from typing import Literal, Protocol
+from typing import Callable, Literal, Protocol
 
 import cv2
 import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from ..errors import ConfigError, ModelError, ResourceError
 from ..features.geometry import Geometry
 from ..features.loading import iter_batches
-from ..errors import ConfigError, ModelError
+from ..features.store import FeatureStore
 from ..optional import require
 from .base import Detector, DetectorParams, Prediction
+from .coreset import CoresetMethod, greedy_coreset  # noqa: F401  (greedy_coreset: re-exported, it lived here)
 from .knn import IndexKind, KNNIndex  # noqa: F401 - KNNIndex re-exported (it lived here)
+
+log = logging.getLogger(__name__)
+FitProgress = Callable[[str, int, "int | None"], None]  # (stage, done, total)
 
 Aggregation = Literal["max", "mean", "topk_mean"]
 
@@ -77,57 +86,15 @@ def upsample(grids: np.ndarray, size: tuple[int, int], sigma: float = 4.0) -> np
     return out
 
 
-def greedy_coreset(features: np.ndarray, n: int, proj_dim: int = 128, seed: int = 0) -> np.ndarray:
-    """Indices of ``n`` patches picked by greedy k-center (PatchCore, Roth et al. 2022, Alg. 1).
+def _current_rss() -> int:
+    """Resident memory of this process now, in bytes (Linux /proc; else the peak so far)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
 
-    Distances are computed on a Gaussian random projection to ``proj_dim`` dims (Johnson-
-    Lindenstrauss, as in the paper; the reference code uses a random linear layer). The first
-    center is drawn with ``seed``; every next pick is the patch farthest from all picks so far.
-
-    Cost: one matrix-vector product per pick (numpy/BLAS). Two BLAS threads win on an idle
-    machine, one thread wins (up to ~5x) when other processes share the cores, so each block of
-    picks starts with a short timed probe of both and continues with the faster. Each output
-    entry is computed by one thread either way, so the picks do not depend on the choice.
-    """
-    from threadpoolctl import threadpool_limits
-
-    N, D = features.shape
-    n = int(min(max(n, 1), N))
-    rng = np.random.default_rng(seed)
-    x = np.ascontiguousarray(features, dtype=np.float32)
-    if proj_dim and proj_dim < D:
-        x = x @ (rng.standard_normal((D, proj_dim)) / np.sqrt(proj_dim)).astype(np.float32)
-    sq = np.einsum("ij,ij->i", x, x)
-    # Augmented rows [-2x, 1] . [c, |c|^2] = |c|^2 - 2 x.c: with |x|^2 added, the squared distance
-    xa = np.hstack([-2.0 * x, np.ones((N, 1), np.float32)])
-    ca = np.empty(x.shape[1] + 1, np.float32)
-    min_d = np.full(N, np.inf, np.float32)
-    dist = np.empty(N, np.float32)
-    picks = np.empty(n, dtype=np.int64)
-    state = {"idx": int(rng.integers(N)), "i": 0}
-
-    def run(count: int, threads: int) -> float:
-        t0 = time.perf_counter()
-        with threadpool_limits(limits=threads, user_api="blas"):
-            for _ in range(min(count, n - state["i"])):
-                idx = state["idx"]
-                picks[state["i"]] = idx
-                ca[:-1] = x[idx]
-                ca[-1] = sq[idx]
-                np.dot(xa, ca, out=dist)
-                np.add(dist, sq, out=dist)
-                np.minimum(min_d, dist, out=min_d)
-                state["idx"], state["i"] = int(min_d.argmax()), state["i"] + 1
-        return time.perf_counter() - t0
-
-    block, probe = 4096, 32
-    while state["i"] < n:
-        if n - state["i"] <= 4 * probe:
-            run(n, 1)
-            break
-        one, two = run(probe, 1), run(probe, 2)
-        run(block - 2 * probe, 1 if one <= two else 2)
-    return picks
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---------------------------------------------------------------------------- base detector
@@ -151,6 +118,9 @@ class PatchKNNParams(DetectorParams):
     batch_size: int = Field(8, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
     seed: int = 0
+    max_memory_gb: float | None = Field(
+        None, gt=0, description="stop before the fit when its expected peak memory (GiB) exceeds this (None: no limit)")
+    spill_dir: str | None = Field(None, description="folder for the temporary training-feature spill (None: system temp dir)")
 
     @field_validator("ivf_nprobe")
     @classmethod
@@ -182,6 +152,7 @@ class PatchKNNDetector(Detector):
     """
 
     metric: Literal["l2", "cosine"] = "l2"
+    fit_progress: FitProgress | None = None  # set by the caller (the engine's progress bar); never prints
 
     def __init__(self, embedder: PatchEmbedder | None = None, **params):
         super().__init__(**params)
@@ -191,7 +162,8 @@ class PatchKNNDetector(Detector):
     def _make_embedder(self) -> PatchEmbedder:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _build_memory(self, features: np.ndarray, grid_hw: tuple[int, int]) -> None:  # pragma: no cover
+    def _build_memory(self, features: FeatureStore, grid_hw: tuple[int, int] | None) -> None:  # pragma: no cover
+        """Set ``memory_`` from the training features (row ranges / gathered rows of ``features``)."""
         raise NotImplementedError
 
     def _score_patches(self, dists: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -228,18 +200,95 @@ class PatchKNNDetector(Detector):
             yield feats, batch
 
     def _fit(self, images: list) -> None:
-        chunks = [f for f, _ in self._embed(images, self.timing_)]
-        grid_hw = chunks[0].shape[1:3]
-        if any(c.shape[1:3] != grid_hw for c in chunks):
-            raise ValueError("training images give patch grids of different sizes; use a fixed image_size (squash)")
-        feats = np.concatenate(chunks).reshape(-1, chunks[0].shape[-1])  # (N*h*w, D)
-        del chunks
-        self._check_index_fits(len(feats))
-        t0 = time.perf_counter()
-        self._build_memory(feats, grid_hw)
-        self.timing_["memory_s"] = time.perf_counter() - t0
-        self.n_train_patches_ = int(len(feats))
+        with FeatureStore(self.params_.spill_dir) as store:
+            grid_hw = self._spill(images, store)
+            self._check_index_fits(len(store))
+            t0 = time.perf_counter()
+            self._build_memory(store, grid_hw)
+            self.timing_["memory_s"] = time.perf_counter() - t0
+            self.n_train_patches_ = int(len(store))
+            self.timing_["spill"] = store.describe()
+        self.timing_["spill"]["removed"] = store.removed
         self._index = None
+
+    def _spill(self, images: list, store: FeatureStore, transform=None) -> tuple[int, int] | None:
+        """Extract features of ``images`` in batches into ``store``; returns the patch grid (None if it varies).
+
+        After the first batch the fit's memory is estimated from the number of patches it
+        implies (and checked against ``max_memory_gb``) before the rest is extracted.
+        ``transform(feats [B, h, w, D], batch) -> rows [n, D]`` selects/normalises rows.
+        """
+        grid_hw, seen, stage = None, 0, "extracting features"
+        for feats, batch in self._embed(images, self.timing_):
+            if seen == 0:
+                grid_hw = feats.shape[1:3]
+            elif grid_hw is not None and feats.shape[1:3] != grid_hw:
+                if transform is None:
+                    raise ValueError("training images give patch grids of different sizes; use a fixed image_size (squash)")
+                grid_hw = None
+            rows = feats.reshape(-1, feats.shape[-1]) if transform is None else transform(feats, batch)
+            if seen == 0:
+                est = self._check_memory(int(round(len(rows) * len(images) / len(feats))), rows.shape[-1])
+                stage = (f"features: {est['patches']:,} patches, memory bank {est['memory_bank_bytes'] / 2**30:.2f} GiB, "
+                         f"expected peak {est['expected_peak_gib']:.1f} GiB")
+            store.append(rows)
+            seen += len(feats)
+            self._report(stage, seen, len(images))
+        return grid_hw
+
+    # -- resources and progress ----------------------------------------------------------
+    def _memory_needs(self, n_patches: int, dim: int) -> dict[str, int]:
+        """Bytes of the fit's large arrays by stage (the memory bank, the coreset search).
+
+        Full training features are never all in memory (they are spilled); the coreset keeps
+        its float32 projection plus ~94 bytes of search state per candidate patch.
+        """
+        p = self.params_
+        ratio = getattr(p, "coreset_ratio", 1.0)
+        picks = int(n_patches * ratio)
+        needs = {"memory_bank": picks * dim * 4}
+        if ratio < 1 and getattr(p, "coreset_method", "greedy") != "random":
+            proj = min(getattr(p, "coreset_projection_dim", dim), dim)
+            pts = n_patches if getattr(p, "coreset_method", "greedy") != "chunked" else min(n_patches, p.coreset_chunk_points)
+            needs["coreset_search"] = pts * (proj * 4 + 94) + picks * (proj * 4 + 4)
+        return needs
+
+    def _check_memory(self, n_patches: int, dim: int) -> dict:
+        """Log (and keep in ``timing_['estimate']``) the expected peak; stop if over ``max_memory_gb``."""
+        needs = self._memory_needs(n_patches, dim)
+        read = 2 * (1 << 14) * dim * 4  # a chunk of spilled rows being read, plus its projection
+        base = _current_rss()
+        peak = base + max(needs.values(), default=0) + read
+        est = {"patches": n_patches, "dim": dim, "spill_bytes": n_patches * dim * 4,
+               **{f"{k}_bytes": v for k, v in needs.items()}, "base_bytes": base, "expected_peak_bytes": peak,
+               "expected_peak_gib": round(peak / 2**30, 3)}
+        self.timing_["estimate"] = est
+        log.info("fit estimate: %s patches x %s dims, memory bank %.2f GiB, expected peak %.2f GiB",
+                 f"{n_patches:,}", dim, needs["memory_bank"] / 2**30, peak / 2**30)
+        limit = self.params_.max_memory_gb
+        if limit is not None and peak > limit * 2**30:
+            raise ResourceError(
+                f"the fit would need about {peak / 2**30:.1f} GiB ({n_patches:,} training patches x {dim} dims, "
+                f"memory bank {needs['memory_bank'] / 2**30:.1f} GiB) but max_memory_gb is {limit:g}: lower "
+                f"coreset_ratio, image_size, or tap a smaller (shallower) layer, or use fewer training images")
+        return est
+
+    def _report(self, stage: str, done: int, total: int | None) -> None:
+        if self.fit_progress is not None:
+            self.fit_progress(stage, done, total)
+
+    def _coreset(self, features, n: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """Greedy coreset of ``n`` rows of ``features`` (or of ``features[rows]``) with this detector's params."""
+        p = self.params_
+        total = int(min(max(n, 1), len(features) if rows is None else len(rows)))
+        stage = f"coreset: {total:,} of {len(features) if rows is None else len(rows):,} patches"
+        stats: dict = {}
+        picks = greedy_coreset(features, n, p.coreset_projection_dim, p.seed,
+                               method="chunked" if getattr(p, "coreset_method", "greedy") == "chunked" else "exact",
+                               chunk_points=getattr(p, "coreset_chunk_points", 200_000), rows=rows,
+                               progress=lambda i, t: self._report(stage, i, t), stats=stats)
+        self.timing_.update(stats)
+        return picks
 
     def fit(self, images) -> "PatchKNNDetector":
         if self.Params.model_validate(self.params).knn_index != "exact":

@@ -33,7 +33,7 @@ from pydantic import Field
 from ..errors import DataError
 from .base import register_detector
 from .patchcore import CNNPatchParams, make_cnn_embedder
-from .patchknn import PatchKNNDetector, greedy_coreset
+from .patchknn import PatchKNNDetector
 
 NoiseDiscriminator = Literal["lof", "nearest", "gaussian"]
 
@@ -41,6 +41,7 @@ NoiseDiscriminator = Literal["lof", "nearest", "gaussian"]
 _CHUNK_ELEMENTS = 1 << 24
 # Ridge added to each position's covariance (PaDiM / the reference's Gaussian: 0.01 * I).
 _GAUSSIAN_RIDGE = 0.01
+_PROJECT_ROWS = 1 << 14  # training rows read and projected at a time
 
 
 class SoftPatchParams(CNNPatchParams):
@@ -63,20 +64,24 @@ class SoftPatchParams(CNNPatchParams):
 
 
 # ---------------------------------------------------------------------------- noise scoring
-def project(features: np.ndarray, dim: int, seed: int) -> torch.Tensor:
+def project(features, dim: int, seed: int) -> torch.Tensor:
     """Random linear projection of ``features`` [M, D] to [M, dim] (identity when D <= dim).
 
     Entries are N(0, 1/(3D)): the variance of ``torch.nn.Linear``'s default initialisation that
     the reference uses for this projection, so distances (``nearest`` weight = distance + 1) and
     the Gaussian's fixed ridge see the reference's feature scale. Seeded, hence deterministic.
+    ``features`` may be a disk-backed store: rows are read and projected a chunk at a time.
     """
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    D = x.shape[1]
-    if dim >= D:
-        return x
-    rng = np.random.default_rng([seed, 0x50F7])  # own stream: independent of the coreset's draws
-    proj = torch.from_numpy((rng.standard_normal((D, dim)) / np.sqrt(3.0 * D)).astype(np.float32))
-    return x @ proj
+    M, D = features.shape
+    proj = None
+    if dim < D:
+        rng = np.random.default_rng([seed, 0x50F7])  # own stream: independent of the coreset's draws
+        proj = torch.from_numpy((rng.standard_normal((D, dim)) / np.sqrt(3.0 * D)).astype(np.float32))
+    out = torch.empty(M, min(dim, D))
+    for s in range(0, M, _PROJECT_ROWS):
+        x = torch.from_numpy(np.ascontiguousarray(features[s : s + _PROJECT_ROWS], dtype=np.float32))
+        out[s : s + len(x)] = x if proj is None else x @ proj
+    return out
 
 
 def _chunks(P: int, N: int):
@@ -183,7 +188,7 @@ class SoftPatch(PatchKNNDetector):
     def _make_embedder(self):
         return make_cnn_embedder(self.params_)
 
-    def _build_memory(self, features: np.ndarray, grid_hw) -> None:
+    def _build_memory(self, features, grid_hw) -> None:
         p = self.params_
         h, w = grid_hw
         P = h * w
@@ -192,13 +197,17 @@ class SoftPatch(PatchKNNDetector):
             raise DataError(f"SoftPatch scores each training patch against the other training images: it needs "
                             f"at least 2 training images, got {n_images}")
         t0 = time.perf_counter()
-        reduced = project(features, p.noise_projection_dim, p.seed)
-        # (N*h*w, d) -> (h*w, N, d): the set of each grid position across the training images
-        per_position = reduced.view(n_images, P, -1).transpose(0, 1).contiguous()
-        del reduced
+        reduced = project(features, p.noise_projection_dim, p.seed).view(n_images, P, -1)
         t1 = time.perf_counter()
-        scores = outlier_scores(per_position, p.noise_discriminator, p.lof_k).T.reshape(-1).numpy()  # (N*h*w,)
-        del per_position
+        # (N, h*w, d) -> (h*w, N, d): the set of each grid position across the training images,
+        # a chunk of positions at a time (positions are scored independently)
+        by_position = torch.empty(P, n_images)
+        step = max(1, _CHUNK_ELEMENTS // max(n_images * reduced.shape[-1], 1))
+        for s in range(0, P, step):
+            chunk = reduced[:, s : s + step].transpose(0, 1).contiguous()
+            by_position[s : s + step] = outlier_scores(chunk, p.noise_discriminator, p.lof_k)
+        del reduced
+        scores = by_position.T.reshape(-1).numpy()  # (N*h*w,)
         t2 = time.perf_counter()
 
         # Global cut (paper: the top `threshold` share of all patch scores is noise). Strictly above
@@ -213,7 +222,7 @@ class SoftPatch(PatchKNNDetector):
         # The search is the shared exact greedy k-center of our PatchCore, where the reference uses
         # its approximate variant (10 random starting points).
         if p.coreset_ratio < 1:
-            picks = greedy_coreset(features[kept], int(len(features) * p.coreset_ratio), p.coreset_projection_dim, p.seed)
+            picks = self._coreset(features, int(len(features) * p.coreset_ratio), rows=kept)
             kept = kept[np.sort(picks)]
         t3 = time.perf_counter()
 
@@ -223,6 +232,12 @@ class SoftPatch(PatchKNNDetector):
         self.outlier_cutoff_ = cutoff
         self.n_excluded_patches_ = int(len(scores) - np.count_nonzero(scores <= cutoff))
         self.timing_.update(noise_projection_s=t1 - t0, noise_scoring_s=t2 - t1, coreset_s=t3 - t2)
+
+    def _memory_needs(self, n_patches: int, dim: int) -> dict[str, int]:
+        # + the noise projection of every training patch, its scores, and a chunk of per-position sets
+        needs = super()._memory_needs(n_patches, dim)
+        needs["noise_scoring"] = n_patches * (min(self.params_.noise_projection_dim, dim) * 4 + 24) + 8 * _CHUNK_ELEMENTS
+        return needs
 
     def _score_patches(self, dists: np.ndarray, idx: np.ndarray) -> np.ndarray:
         # ``dists`` is already on the ``distance`` scale. With the default (squared) the weight
