@@ -39,7 +39,7 @@ class DatasetBase(BaseModel):
         with the experiment's top-level ``seed`` (see :mod:`.shots`).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     contamination: Contamination | None = None
     missing_mask: Literal["error", "exclude"] = "error"
