@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 import resource
 import time
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from .data.shots import select_shots
 from .data.types import Split
 from .errors import ConfigError, DataError
 from .features.geometry import map_to_original
+from .outputs import check_writable, clean_stale, folder_lock, temp_path
+from .reports import dumps, save_map_outputs, versions, write_json, write_jsonl
 from .postprocess import AnomalyMapPostprocess
 
 if TYPE_CHECKING:  # importing the engine must not import torch (the ONNX runtime scores through it)
@@ -197,7 +198,6 @@ def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: P
                    fit_timing: dict | None = None) -> dict:
     """Score ``split.test`` once, compute metrics overall and per defect type, write the report."""
     from .reporting.collect import ReportCollector
-    from .reports import versions, write_json, write_jsonl
 
     t_start = time.perf_counter()
     collector = ReportCollector(cfg.metrics.aupro_fpr_limit)  # curves + worst cases for the report
@@ -304,17 +304,16 @@ def _display_range(model: Model, maps: list[np.ndarray] | None = None) -> tuple[
 
 
 def _save_eval_maps(model: Model, samples, owners, regions, maps, folder: Path) -> dict:
-    from .reports import save_map_outputs
-
     vrange = _display_range(model, maps)
     thr = model.thresholds.pixel if model.thresholds else None
+    used: set[str] = set()
     for i, (region, hw), amap in zip(owners, regions, maps):
         x = samples[i]
         full = np.full(hw, vrange[0], np.float32)  # outside the model's view: bottom of the scale
         h, w = region[0].stop - region[0].start, region[1].stop - region[1].start
         full[region] = amap if amap.shape == (h, w) else cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
         mask = model.postprocess.binarize(full, thr) if thr is not None else None
-        save_map_outputs(folder / x.defect_type / Path(x.path).stem, read_image(x.path), full, vrange, mask)
+        save_map_outputs(folder / x.defect_type / output_stem(Path(x.path), None, used), read_image(x.path), full, vrange, mask)
     return {"folder": str(folder), "display_range": list(vrange)}
 
 
@@ -325,38 +324,57 @@ def export_images(model: Model, images: Sequence[Path], out_dir: Path, progress:
     .npy), a binary defect mask PNG (when the model has thresholds) and one line of
     ``predictions.jsonl``. Streams: memory does not grow with the number of images. An
     unreadable image is reported in the summary and skipped."""
-    from .reports import save_map_outputs, write_json
+    check_writable(out_dir)
+    with folder_lock(out_dir, "export-maps"):
+        return _export_locked(model, images, out_dir, progress, base)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+def output_stem(path: Path, base: Path | None, used: set[str]) -> Path:
+    """Relative output stem for one input: its path under ``base`` with the full file name
+    kept (``sub/000.png`` -> ``sub/000.png``, so ``000.jpg`` and ``000.png`` never share
+    outputs); a remaining clash (e.g. on a case-insensitive disk) gets ``~2``, ``~3``..."""
+    rel = path.relative_to(base) if base and path.is_relative_to(base) else Path(path.name)
+    stem, n = rel, 1
+    while str(stem).casefold() in used:
+        n += 1
+        stem = rel.with_name(f"{rel.name}~{n}")
+    used.add(str(stem).casefold())
+    return stem
+
+
+def _export_locked(model: Model, images: Sequence[Path], out_dir: Path, progress: Progress | None, base: Path | None) -> dict:
+    clean_stale(out_dir, "predictions.jsonl")
     thr = model.thresholds
     vrange = _display_range(model)
-    partial = out_dir / ".predictions.jsonl.partial"
-    failures, n_ok, n_anomalous = [], 0, 0
+    partial = temp_path(out_dir / "predictions.jsonl", ".partial")
+    failures, n_ok, n_anomalous, used = [], 0, 0, set()
     t0 = time.perf_counter()
-    with open(partial, "w") as lines:
-        for s in score_stream(model, list(images), progress, f"exporting maps for {len(images)} images"):
-            path = Path(images[s.index])
-            if s.error:
-                failures.append({"path": str(path), "error": s.error})
-                continue
-            rel = path.relative_to(base).with_suffix("") if base and path.is_relative_to(base) else Path(path.stem)
-            row = {"path": str(path), "score": s.score}
-            if thr is not None:
-                row["is_anomalous"] = bool(s.score >= thr.image)
-                n_anomalous += row["is_anomalous"]
-            if s.amap is not None:
-                image = read_image(path)
-                lo, hi = vrange or (float(s.amap.min()), float(s.amap.max()))  # uncalibrated: per-image scale
-                full = np.full(s.orig_hw, lo, np.float32)
-                full[s.region] = s.amap
-                mask = model.postprocess.binarize(full, thr.pixel) if thr is not None and thr.pixel is not None else None
-                row["files"] = save_map_outputs(out_dir / rel, image, full, (lo, hi), mask)
-                if mask is not None:
-                    n_regions, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
-                    row.update(defect_area_px=int(mask.sum()), n_regions=int(n_regions - 1))
-            lines.write(json.dumps(row) + "\n")
-            n_ok += 1
-    partial.replace(out_dir / "predictions.jsonl")
+    try:
+        with open(partial, "w") as lines:
+            for s in score_stream(model, list(images), progress, f"exporting maps for {len(images)} images"):
+                path = Path(images[s.index])
+                if s.error:
+                    failures.append({"path": str(path), "error": s.error})
+                    continue
+                row = {"path": str(path), "score": s.score}
+                if thr is not None:
+                    row["is_anomalous"] = bool(s.score >= thr.image)
+                    n_anomalous += row["is_anomalous"]
+                if s.amap is not None:
+                    image = read_image(path)
+                    lo, hi = vrange or (float(s.amap.min()), float(s.amap.max()))  # uncalibrated: per-image scale
+                    full = np.full(s.orig_hw, lo, np.float32)
+                    full[s.region] = s.amap
+                    mask = model.postprocess.binarize(full, thr.pixel) if thr is not None and thr.pixel is not None else None
+                    row["files"] = save_map_outputs(out_dir / output_stem(path, base, used), image, full, (lo, hi), mask)
+                    if mask is not None:
+                        n_regions, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+                        row.update(defect_area_px=int(mask.sum()), n_regions=int(n_regions - 1))
+                lines.write(dumps(row) + "\n")
+                n_ok += 1
+        partial.replace(out_dir / "predictions.jsonl")
+    finally:
+        partial.unlink(missing_ok=True)
     elapsed = time.perf_counter() - t0
     summary = {
         "n_images": len(images), "n_scored": n_ok, "n_failed": len(failures), "failures": failures,
@@ -364,7 +382,9 @@ def export_images(model: Model, images: Sequence[Path], out_dir: Path, progress:
         "thresholds": thr.to_dict() if thr else None,
         "display_range": list(vrange) if vrange else "per-image min-max (model has no calibration)",
         "seconds": elapsed, "images_per_s": n_ok / elapsed if elapsed > 0 else None, "peak_rss_mb": peak_rss_mb(),
-        "outputs": "<stem>_overlay.png, <stem>_map.npy (float16, original resolution), <stem>_mask.png (0/255)",
+        "outputs": "<input file name>_overlay.png, _map.npy (float16, original resolution), _mask.png (0/255), "
+                   "under the input's relative path",
+        "out_dir": str(out_dir),
     }
     write_json(out_dir / "summary.json", summary)
     return summary

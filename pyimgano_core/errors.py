@@ -40,3 +40,10 @@ class OptionalDependencyError(PyimganoError):
     """An optional package is needed for the requested feature but is not installed."""
 
     exit_code = 5
+
+
+class OutputError(PyimganoError):
+    """An output location that cannot be written (``--out``/``output.root`` read-only, a file in
+    the way, disk full) or is held by another run."""
+
+    exit_code = 2
