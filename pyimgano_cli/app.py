@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -49,7 +50,8 @@ def _version(value: bool) -> None:
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit.")) -> None:
     """pyimgano: learn 'normal' from good images, score new images and map their defects."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
 
 
 def _guard(fn: Callable[[], object]) -> object:
@@ -89,11 +91,23 @@ def _progress(quiet: bool, as_json: bool):
     return None if quiet or as_json else RichProgress(err)
 
 
+def _print_warnings(summary: dict) -> None:
+    """Each warning once, on one line, naming the categories it applies to (stderr)."""
+    seen: dict[str, list[str]] = {}
+    for cat, r in summary.get("categories", {}).items():
+        for w in r.get("warnings") or []:
+            seen.setdefault(w, []).append(cat)
+    for w, cats in seen.items():
+        err.print(f"[yellow]warning[/] {escape('[' + ', '.join(cats) + ']')}: {escape(w)}", highlight=False, soft_wrap=True)
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
 def _print_metrics(summary: dict, as_json: bool, quiet: bool) -> None:
+    if not quiet:
+        _print_warnings(summary)
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
         return
@@ -121,6 +135,10 @@ def _print_metrics(summary: dict, as_json: bool, quiet: bool) -> None:
             out.print(escape(f"[{cat}]") + f" at calibrated thresholds: image F1 {i['f1']:.3f} (P {i['precision']:.3f}, R {i['recall']:.3f}, "
                       f"FPR on test/good {_fmt(i['test_good_fpr'])})" + (f", pixel F1 {p['f1']:.3f}, IoU {p['iou']:.3f}" if p else "")
                       + f"; oracle F1-max: {dec['oracle_f1_max_NOT_a_deployable_threshold']}")
+            t = dec["thresholds"]
+            if t.get("expected_fpr") is not None:
+                out.print(escape(f"[{cat}]") + f" image threshold: rank {t['image_rank']} of {t['n_images']} held-out scores, promised "
+                          f"false-alarm rate on new good parts {t['expected_fpr']:.3f} (95% upper bound {t['fpr_upper_95']:.3f})")
         out.print(f"report: {escape(r['report'])}", highlight=False)
 
 
@@ -138,6 +156,8 @@ def fit(config: Path, set_: list[str] = SetOpt, out_root: Optional[Path] = OutOp
     from pyimgano_core.runs import fit_run
 
     summary = _guard(lambda: fit_run(_load(config, set_, out_root), progress=_progress(quiet, as_json)))
+    if not quiet:
+        _print_warnings(summary)
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
     elif not quiet:

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import __version__
 from .outputs import write_bytes_atomic
+from .overlay import render_overlay
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -77,12 +78,6 @@ def versions() -> dict[str, str]:
     }
 
 
-def colorize(amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    """Map values to a JET heatmap (BGR uint8) over a fixed [vmin, vmax] range."""
-    scaled = (np.asarray(amap, np.float32) - vmin) / max(vmax - vmin, 1e-12)
-    return cv2.applyColorMap((np.clip(scaled, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
-
-
 def _png(path: Path, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", image)
     if not ok:
@@ -90,11 +85,13 @@ def _png(path: Path, image: np.ndarray) -> None:
     _atomic_write_bytes(path, buf.tobytes())
 
 
-def save_map_outputs(stem: Path, image_rgb: np.ndarray, amap_full: np.ndarray, vrange: tuple[float, float], mask: np.ndarray | None) -> dict[str, str]:
-    """Write ``<stem>_overlay.png`` (heatmap over the image), ``<stem>_map.npy`` (raw float16
-    map at original resolution) and, when given, ``<stem>_mask.png`` (0/255 defect mask)."""
-    heat = colorize(amap_full, *vrange)
-    overlay = cv2.addWeighted(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), 0.5, heat, 0.5, 0)
+def save_map_outputs(stem: Path, image_rgb: np.ndarray, amap_full: np.ndarray, vrange: tuple[float, float], mask: np.ndarray | None,
+                     score: float | None = None, image_threshold: float | None = None,
+                     pixel_threshold: float | None = None) -> dict[str, str]:
+    """Write ``<stem>_overlay.png`` (heatmap over the image on the run's fixed scale, with a
+    colour bar, the score and the defect contour; see :mod:`.overlay`), ``<stem>_map.npy``
+    (raw float16 map at original resolution) and, when given, ``<stem>_mask.png`` (0/255)."""
+    overlay = render_overlay(image_rgb, amap_full, vrange, mask, score, image_threshold, pixel_threshold)
     out = {"overlay": f"{stem}_overlay.png", "map": f"{stem}_map.npy"}
     _png(Path(out["overlay"]), overlay)
     buf = io.BytesIO()

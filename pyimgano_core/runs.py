@@ -118,7 +118,9 @@ def fit_run(cfg: ExperimentConfig, out_root: Path | None = None, progress: Progr
     def body(split: Split) -> dict:
         model, timing = build_model(cfg, split, progress)
         folder = model.save(out / split.name / "model")
-        return {"model": str(folder), "timing": timing, "thresholds": model.thresholds.to_dict() if model.thresholds else None}
+        warnings = [model.thresholds.warning] if model.thresholds and model.thresholds.warning else []
+        return {"model": str(folder), "timing": timing, "thresholds": model.thresholds.to_dict() if model.thresholds else None,
+                "warnings": warnings}
 
     return _loop(cfg, out, "fit", splits, body)
 
@@ -135,7 +137,7 @@ def eval_run(cfg: ExperimentConfig, out_root: Path | None = None, model_arg: Pat
         report = evaluate_split(cfg, split, model, out / split.name, progress, timing)
         if cfg.output.html:
             write_page(out / split.name)
-        return {k: report[k] for k in ("metrics", "per_defect", "decisions", "counts", "timing")} | {"report": str(out / split.name / "report.json")}
+        return {k: report[k] for k in ("metrics", "per_defect", "decisions", "counts", "timing", "warnings")} | {"report": str(out / split.name / "report.json")}
 
     if cfg.output.html:  # before any work: the page's plots need matplotlib
         try:

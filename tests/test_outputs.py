@@ -131,3 +131,32 @@ def test_outputs_honour_the_umask(model, tree, tmp_path):
     want = {p.relative_to(p.anchor).as_posix(): (0o777 if p.is_dir() else 0o666) & ~mask for p in paths}
     assert modes == want
     assert any(p.name == "predictions.jsonl" for p in paths) and any(p.name == "model.json" for p in paths)
+
+
+def test_sigterm_during_export_and_save_leaves_no_temp_files(model, tree, tmp_path, monkeypatch):
+    import signal
+
+    import pyimgano_core.model as model_mod
+    import pyimgano_core.engine as engine
+
+    calls = []
+
+    def killed(*a, **k):
+        calls.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # the service manager stops us mid-write
+        raise AssertionError("SIGTERM did not interrupt")
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        monkeypatch.setattr(engine, "save_map_outputs", killed)
+        res = run("export-maps", "--model", model, "--input", tree / "widget/test/good", "--out", tmp_path / "o")
+        assert res.exit_code == 143 and "terminated" in res.output and "Traceback" not in res.output, res.output
+        out = tmp_path / "o/t/widget/export"
+        assert calls and not [p for p in out.iterdir() if p.name.startswith(".predictions")]
+        monkeypatch.setattr(model_mod, "save_backbone", killed)
+        cfg = write_config(tmp_path / "c.yaml", tree)
+        res = run("fit", cfg, "--out", tmp_path / "f", "-q")
+        assert res.exit_code == 143, res.output
+        assert not list((tmp_path / "f/t/widget").glob(".model*"))
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -216,12 +216,14 @@ def finish_split(
         warnings.append(
             f"{len(empty)} defective test image(s) have an empty mask (no pixel > "
             f"{mask_threshold}): kept; they add only background pixels to pixel "
-            "AUROC/AP and no region to AUPRO"
+            "AUROC/AP and no region to AUPRO. If the masks are stored as 0/1, set "
+            "dataset.mask_threshold: 0"
         )
     if not anomalous:
-        warnings.append("test split has no defective images: image AUROC is undefined")
+        warnings.append("test split has no defective images: image AUROC/AP and pixel metrics are undefined; "
+                        "add defective test images (with masks) to measure detection")
     if len(anomalous) == len(test):
-        warnings.append("test split has no normal images: image AUROC is undefined")
+        warnings.append("test split has no normal images: image AUROC is undefined; add good test images")
     notes["warnings"] = warnings
     return Split(
         name=name,
