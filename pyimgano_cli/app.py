@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -47,11 +46,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit.")) -> None:
+def _main(ctx: typer.Context, version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit.")) -> None:
     """pyimgano: learn 'normal' from good images, score new images and map their defects."""
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
-        click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+        ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
 
 
 def _guard(fn: Callable[[], object]) -> object:
