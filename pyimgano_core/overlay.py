@@ -70,7 +70,7 @@ def render_overlay(image_rgb: np.ndarray, amap: np.ndarray, vrange: tuple[float,
     if score is not None:
         head = f"score {score:.4g}"
         if image_threshold is not None:
-            head += f" / threshold {image_threshold:.4g}: " + ("ANOMALOUS" if score >= image_threshold else "normal")
+            head += f" (thr {image_threshold:.4g}) " + ("ANOMALOUS" if score >= image_threshold else "normal")
         _text(out, head, (6, int(22 * scale) + 4), scale)
     marks = {"thr": pixel_threshold} if pixel_threshold is not None else {}
     return np.hstack([out, _colour_bar(h, vmin, vmax, marks, scale)])
