@@ -13,7 +13,7 @@ import numpy as np
 
 from . import __version__
 from .outputs import write_bytes_atomic
-from .overlay import render_overlay
+from .overlay import colorize, render_overlay  # noqa: F401  (colorize: used by reporting.collect)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

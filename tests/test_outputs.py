@@ -160,3 +160,14 @@ def test_sigterm_during_export_and_save_leaves_no_temp_files(model, tree, tmp_pa
         assert not list((tmp_path / "f/t/widget").glob(".model*"))
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_image_smaller_than_the_patch_grid_is_refused_naming_the_file(model, tree, tmp_path):
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    cv2.imwrite(str(inbox / "dot.png"), np.full((1, 1, 3), 200, np.uint8))
+    cv2.imwrite(str(inbox / "ok.png"), cv2.imread(str(sorted((tree / "widget/test/good").glob("*.png"))[0])))
+    res = run("export-maps", "--model", model, "--input", inbox, "--out", tmp_path / "o")
+    assert res.exit_code == 3 and "Traceback" not in res.output
+    assert "dot.png is 1x1 px, smaller than the model's" in " ".join(res.output.split())
+    assert "1/2 images scored" in res.output

@@ -7,6 +7,7 @@ they build the memory bank and in how they turn neighbour distances into patch s
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Literal, Protocol
 
@@ -17,7 +18,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..features.geometry import Geometry
 from ..features.loading import iter_batches
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, DataError, ModelError
 from ..optional import require
 from .base import Detector, DetectorParams, Prediction
 from .knn import IndexKind, KNNIndex  # noqa: F401 - KNNIndex re-exported (it lived here)
@@ -173,6 +174,15 @@ _INDEX_OPTIONS = {"knn_backend": "exact", "hnsw_m": "hnsw", "hnsw_ef_constructio
                   "ivf_nlist": "ivf", "ivf_nprobe": "ivf"}
 
 
+def _check_grid(images, start: int, orig_hw: np.ndarray, grid_hw: tuple[int, int]) -> None:
+    """Refuse an image smaller than the patch grid: its map would be invented by upsampling."""
+    for j, (h, w) in enumerate(orig_hw):
+        if h < grid_hw[0] or w < grid_hw[1]:
+            item = images[start + j]
+            name = item if isinstance(item, (str, os.PathLike)) else f"#{start + j}"
+            raise DataError(f"image {name} is {w}x{h} px, smaller than the model's {grid_hw[1]}x{grid_hw[0]} patch grid")
+
+
 class PatchKNNDetector(Detector):
     """Embed -> memory bank -> nearest-neighbour patch scores -> (image score, map).
 
@@ -212,6 +222,7 @@ class PatchKNNDetector(Detector):
         emb = self._embedder()
         p = self.params_
         batches = iter_batches(images, self.geometry, p.batch_size)
+        start = 0
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)
@@ -224,6 +235,8 @@ class PatchKNNDetector(Detector):
             if feats.ndim != 4 or len(feats) != len(batch.pixels):
                 raise ValueError(f"embedder must return [B, h, w, D] features, got shape {feats.shape}")
             timing["embed_s"] = timing.get("embed_s", 0.0) + time.perf_counter() - t1
+            _check_grid(images, start, batch.orig_hw, feats.shape[1:3])
+            start += len(feats)
             yield feats, batch
 
     def _fit(self, images: list) -> None:
