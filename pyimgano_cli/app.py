@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -14,15 +16,41 @@ from rich.table import Table
 
 from .progress import RichProgress
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: plain click help, where flags carry no type tag (typer's rich help
+# renders every flag as "--json <bool>").
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="pyimgano: learn 'normal' from good images, score new images and map their defects.")
 err = Console(stderr=True)
 out = Console()
 
-SetOpt = typer.Option([], "--set", help="Override a config field: key.path=value (repeatable).")
-OutOpt = typer.Option(None, "--out", help="Output root (default: output.root of the config, 'reports').")
+SetOpt = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config field: key.path=value (repeatable).")
+OutOpt = typer.Option(None, "--out", metavar="DIR", help="Output root (default: output.root of the config, 'reports').")
 JsonOpt = typer.Option(False, "--json", help="Print the summary JSON alone on stdout.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or tables.")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager stopping us): unwinds like Ctrl-C, so temp files are removed."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
+def _version(value: bool) -> None:
+    if value:
+        from pyimgano_core import __version__
+
+        out.print(f"pyimgano {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(ctx: typer.Context, version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit.")) -> None:
+    """pyimgano: learn 'normal' from good images, score new images and map their defects."""
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
 
 
 def _guard(fn: Callable[[], object]) -> object:
@@ -34,9 +62,16 @@ def _guard(fn: Callable[[], object]) -> object:
     except PyimganoError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
+    except Terminated:
+        err.print("terminated (SIGTERM); partial outputs removed")
+        raise typer.Exit(143) from None
     except KeyboardInterrupt:
-        err.print("interrupted")
+        err.print("interrupted; partial outputs removed")
         raise typer.Exit(130) from None
+    except OSError as exc:  # an output write the pre-checks could not foresee (disk full, lost mount)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        err.print(f"[bold red]error:[/] {escape((exc.strerror or type(exc).__name__) + where)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     except MemoryError:
         err.print("[bold red]error:[/] out of memory (try metrics.resolution, a smaller image_size or coreset_ratio)")
         raise typer.Exit(1) from None
@@ -55,11 +90,23 @@ def _progress(quiet: bool, as_json: bool):
     return None if quiet or as_json else RichProgress(err)
 
 
+def _print_warnings(summary: dict) -> None:
+    """Each warning once, on one line, naming the categories it applies to (stderr)."""
+    seen: dict[str, list[str]] = {}
+    for cat, r in summary.get("categories", {}).items():
+        for w in r.get("warnings") or []:
+            seen.setdefault(w, []).append(cat)
+    for w, cats in seen.items():
+        err.print(f"[yellow]warning[/] {escape('[' + ', '.join(cats) + ']')}: {escape(w)}", highlight=False, soft_wrap=True)
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
 def _print_metrics(summary: dict, as_json: bool, quiet: bool) -> None:
+    if not quiet:
+        _print_warnings(summary)
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
         return
@@ -87,6 +134,10 @@ def _print_metrics(summary: dict, as_json: bool, quiet: bool) -> None:
             out.print(escape(f"[{cat}]") + f" at calibrated thresholds: image F1 {i['f1']:.3f} (P {i['precision']:.3f}, R {i['recall']:.3f}, "
                       f"FPR on test/good {_fmt(i['test_good_fpr'])})" + (f", pixel F1 {p['f1']:.3f}, IoU {p['iou']:.3f}" if p else "")
                       + f"; oracle F1-max: {dec['oracle_f1_max_NOT_a_deployable_threshold']}")
+            t = dec["thresholds"]
+            if t.get("expected_fpr") is not None:
+                out.print(escape(f"[{cat}]") + f" image threshold: rank {t['image_rank']} of {t['n_images']} held-out scores, promised "
+                          f"false-alarm rate on new good parts {t['expected_fpr']:.3f} (95% upper bound {t['fpr_upper_95']:.3f})")
         out.print(f"report: {escape(r['report'])}", highlight=False)
 
 
@@ -104,6 +155,8 @@ def fit(config: Path, set_: list[str] = SetOpt, out_root: Optional[Path] = OutOp
     from pyimgano_core.runs import fit_run
 
     summary = _guard(lambda: fit_run(_load(config, set_, out_root), progress=_progress(quiet, as_json)))
+    if not quiet:
+        _print_warnings(summary)
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
     elif not quiet:
@@ -112,7 +165,7 @@ def fit(config: Path, set_: list[str] = SetOpt, out_root: Optional[Path] = OutOp
 
 
 @app.command("eval")
-def eval_(config: Path, model: Optional[Path] = typer.Option(None, "--model", help="Saved model (or run) folder; fit if absent."),
+def eval_(config: Path, model: Optional[Path] = typer.Option(None, "--model", metavar="DIR", help="Saved model (or run) folder; fit if absent."),
           set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
           fail_under: Optional[str] = typer.Option(None, "--fail-under", help="Gates, e.g. image_auroc=0.99,aupro=0.9: "
                                                    "exit code 6 if any category falls short (reports are still written).")) -> None:
@@ -169,9 +222,9 @@ def compare(run_a: Path, run_b: Path, tolerance: float = typer.Option(0.005, "--
 
 
 @app.command("export-maps")
-def export_maps(config: Optional[Path] = typer.Argument(None, help="Experiment config (optional with --model and --input)."),
-                model: Optional[Path] = typer.Option(None, "--model", help="Saved model (or run) folder; fit if absent."),
-                input_dir: Optional[Path] = typer.Option(None, "--input", help="Folder of images to score (default: the test split)."),
+def export_maps(config: Optional[Path] = typer.Argument(None, metavar="CONFIG", help="Experiment config (optional with --model and --input)."),
+                model: Optional[Path] = typer.Option(None, "--model", metavar="DIR", help="Saved model (or run) folder; fit if absent."),
+                input_dir: Optional[Path] = typer.Option(None, "--input", metavar="DIR", help="Folder of images to score (default: the test split)."),
                 runtime: str = typer.Option("torch", "--runtime", help="torch, or onnx: the graph from 'pyimgano export-onnx' on onnxruntime (needs --model)."),
                 set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt) -> None:
     """Write heatmap overlays, raw maps, defect masks and predictions.jsonl."""
@@ -198,8 +251,9 @@ def export_maps(config: Optional[Path] = typer.Argument(None, help="Experiment c
         for cat, r in summary["categories"].items():
             out.print(escape(f"[{cat}]") + f" {r['n_scored']}/{r['n_images']} images scored ({_fmt(r['images_per_s'])} img/s)"
                       + (f", {r['n_anomalous']} anomalous" if r.get("n_anomalous") is not None else ""))
+            out.print(f"outputs written to {escape(r['out_dir'])}", highlight=False, soft_wrap=True)
             for f in r["failures"]:
-                err.print(f"[yellow]skipped[/] {escape(f['path'])}: {escape(f['error'])}", highlight=False)
+                err.print(f"[yellow]skipped[/] {escape(f['path'])}: {escape(f['error'])}", highlight=False, soft_wrap=True)
     if failed:
         err.print(f"[bold red]error:[/] {failed} image(s) could not be read; all others were exported")
         raise typer.Exit(3)
@@ -230,7 +284,7 @@ def detectors(as_json: bool = JsonOpt) -> None:
     info = {}
     for name in list_detectors():
         cls = get_detector_class(name)
-        info[name] = {k: {"default": f.default if f.default is not None else None, "description": f.description}
+        info[name] = {k: {"default": None if f.is_required() else f.default, "required": f.is_required(), "description": f.description}
                       for k, f in cls.Params.model_fields.items() if k != "seed"}
     if as_json:
         sys.stdout.write(json.dumps(info, default=str) + "\n")
@@ -239,7 +293,7 @@ def detectors(as_json: bool = JsonOpt) -> None:
         doc = inspect.getdoc(get_detector_class(name)) or ""
         out.print(f"[bold]{name}[/]  {escape(doc.splitlines()[0] if doc else '')}")
         for k, v in params.items():
-            out.print(f"    {k} = {v['default']!r}" + (f"  [dim]# {v['description']}[/]" if v["description"] else ""), highlight=False)
+            out.print(f"    {k} = " + ("(required)" if v["required"] else repr(v["default"])) + (f"  [dim]# {v['description']}[/]" if v["description"] else ""), highlight=False)
 
 
 @app.command()

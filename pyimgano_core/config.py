@@ -20,7 +20,7 @@ from .postprocess import PostprocessConfig
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DetectorConfig(Strict):
@@ -53,7 +53,7 @@ class OutputConfig(Strict):
 
 class ExperimentConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds every random choice (numpy needs 0 <= seed < 2**32)")
     dataset: DatasetConfig
     detector: DetectorConfig
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
@@ -131,7 +131,7 @@ def format_validation_error(exc: ValidationError, prefix: tuple = (), model: typ
         loc = prefix + tuple(err["loc"])
         # drop discriminator tags ('dataset', 'mvtec_ad', 'root') -> dataset.root
         path = ".".join(str(p) for p in loc if not (isinstance(p, str) and (p in _TAGS or _TYPE_LOC.match(p))))
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             names = _allowed(model, tuple(err["loc"]))
             msg = "unknown key" + (f"; allowed: {', '.join(names)}" if names else "")
@@ -182,10 +182,20 @@ def validate_config(data: Any, source: str = "config") -> ExperimentConfig:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML experiment file, apply ``key.path=value`` overrides and validate."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give the YAML config file inside it (e.g. {path / 'config.yaml'})")
     if not path.is_file():
         raise ConfigError(f"Config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"Cannot read config {path}: {exc.strerror or type(exc).__name__}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

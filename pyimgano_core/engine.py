@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 import resource
 import time
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from .data.shots import describe_shots, select_shots
 from .data.types import Split
 from .errors import ConfigError, DataError
 from .features.geometry import map_to_original
+from .outputs import check_writable, clean_stale, folder_lock, temp_path
+from .reports import dumps, save_map_outputs, versions, write_json, write_jsonl
 from .postprocess import AnomalyMapPostprocess
 
 if TYPE_CHECKING:  # importing the engine must not import torch (the ONNX runtime scores through it)
@@ -113,6 +114,12 @@ def build_model(cfg: ExperimentConfig, split: Split, progress: Progress | None =
         c = cfg.calibration
         model.thresholds = fit_thresholds(np.array([r.score for r in raw]), maps or None, c.image_quantile, c.pixel_quantile)
         timing["calibration_s"] = time.perf_counter() - t0
+    else:  # no calibration: a fixed overlay scale from a few training images (in the memory bank: biased low)
+        sample = fit_samples[:: max(1, len(fit_samples) // 8)][:8]
+        raw = [r for r in score_stream(model, [s.path for s in sample], progress, f"[{split.name}] display scale", raw=True)
+               if r.amap is not None and not r.error]
+        record_display_range(model, [model.postprocess.transform(r.amap) for r in raw],
+                             f"{len(raw)} training images (they are in the memory bank, so the scale is biased low; calibrate for a fair one)")
     return model, timing
 
 
@@ -213,7 +220,6 @@ def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: P
                    fit_timing: dict | None = None) -> dict:
     """Score ``split.test`` once, compute metrics overall and per defect type, write the report."""
     from .reporting.collect import ReportCollector
-    from .reports import versions, write_json, write_jsonl
 
     t_start = time.perf_counter()
     collector = ReportCollector(cfg.metrics.aupro_fpr_limit)  # curves + worst cases for the report
@@ -295,6 +301,7 @@ def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: P
             "few_shot": describe_shots(cfg.dataset.shots, cfg.seed, cfg.dataset.shots_protocol),
         },
         "notes": split.notes,
+        "warnings": _warnings(split, model, metrics, cfg),
         "few_shot_images": model.meta.get("fit_images"),
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
@@ -310,28 +317,61 @@ def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: P
     return report
 
 
+def _warnings(split: Split, model: Model, metrics: dict, cfg: ExperimentConfig) -> list[str]:
+    """Everything a user should act on, each with its fix (the CLI prints them once)."""
+    out = list(split.notes.get("warnings", []))
+    if model.thresholds is not None and model.thresholds.warning:
+        out.append(model.thresholds.warning)
+    has_both = len({s.label for s in split.test}) == 2
+    if has_both and metrics.get("image_auroc") is None:
+        out.append("image AUROC is undefined: the scores are not finite; refit the model")
+    if cfg.metrics.pixel and "pixel_auroc" in metrics and metrics["pixel_auroc"] is None and has_both \
+            and not split.notes.get("empty_masks"):  # (empty masks already warned, with the same fix)
+        out.append("pixel metrics are undefined: no defect pixel in any evaluated mask; "
+                   "if the masks are stored as 0/1, set dataset.mask_threshold: 0")
+    elif cfg.metrics.pixel and "pixel_auroc" not in metrics and any(s.label for s in split.test):
+        out.append("pixel metrics were not computed: no masks, or the detector gives no maps")
+    return list(dict.fromkeys(out))
+
+
 def _display_range(model: Model, maps: list[np.ndarray] | None = None) -> tuple[float, float] | None:
-    """Fixed colour range for overlays: calibrated -> threshold mid-scale; else the maps' range."""
+    """One fixed colour range for a whole run, from the model: calibrated -> held-out median at
+    the bottom, pixel threshold mid-scale; else the range recorded from training images at fit
+    time; models saved before that fall back to the maps at hand (eval) or None."""
     thr = model.thresholds
     if thr is not None and thr.pixel is not None and thr.pixel_median is not None:
         return thr.pixel_median, 2 * thr.pixel - thr.pixel_median
+    rec = model.meta.get("display_range")
+    if rec:
+        return float(rec["lo"]), float(rec["hi"])
     if maps:
         return float(min(m.min() for m in maps)), float(max(m.max() for m in maps))
     return None
 
 
-def _save_eval_maps(model: Model, samples, owners, regions, maps, folder: Path) -> dict:
-    from .reports import save_map_outputs
+def record_display_range(model: Model, maps: list[np.ndarray], source: str) -> None:
+    """Store the colour range of an uncalibrated model: the median of normal map values at the
+    bottom and their 99.9% quantile mid-scale (as for a calibrated model's pixel threshold)."""
+    if not maps:
+        return
+    values = np.concatenate([np.asarray(m, np.float32).ravel() for m in maps])
+    lo, q = float(np.median(values)), float(np.quantile(values, 0.999))
+    if q > lo:
+        model.meta["display_range"] = {"lo": lo, "hi": 2 * q - lo, "source": source}
 
+
+def _save_eval_maps(model: Model, samples, owners, regions, maps, folder: Path) -> dict:
     vrange = _display_range(model, maps)
     thr = model.thresholds.pixel if model.thresholds else None
+    used: set[str] = set()
     for i, (region, hw), amap in zip(owners, regions, maps):
         x = samples[i]
         full = np.full(hw, vrange[0], np.float32)  # outside the model's view: bottom of the scale
         h, w = region[0].stop - region[0].start, region[1].stop - region[1].start
         full[region] = amap if amap.shape == (h, w) else cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
         mask = model.postprocess.binarize(full, thr) if thr is not None else None
-        save_map_outputs(folder / x.defect_type / Path(x.path).stem, read_image(x.path), full, vrange, mask)
+        save_map_outputs(folder / x.defect_type / output_stem(Path(x.path), None, used), read_image(x.path), full, vrange, mask,
+                         None, None, thr)
     return {"folder": str(folder), "display_range": list(vrange)}
 
 
@@ -342,46 +382,70 @@ def export_images(model: Model, images: Sequence[Path], out_dir: Path, progress:
     .npy), a binary defect mask PNG (when the model has thresholds) and one line of
     ``predictions.jsonl``. Streams: memory does not grow with the number of images. An
     unreadable image is reported in the summary and skipped."""
-    from .reports import save_map_outputs, write_json
+    check_writable(out_dir)
+    with folder_lock(out_dir, "export-maps"):
+        return _export_locked(model, images, out_dir, progress, base)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+def output_stem(path: Path, base: Path | None, used: set[str]) -> Path:
+    """Relative output stem for one input: its path under ``base`` with the full file name
+    kept (``sub/000.png`` -> ``sub/000.png``, so ``000.jpg`` and ``000.png`` never share
+    outputs); a remaining clash (e.g. on a case-insensitive disk) gets ``~2``, ``~3``..."""
+    rel = path.relative_to(base) if base and path.is_relative_to(base) else Path(path.name)
+    stem, n = rel, 1
+    while str(stem).casefold() in used:
+        n += 1
+        stem = rel.with_name(f"{rel.name}~{n}")
+    used.add(str(stem).casefold())
+    return stem
+
+
+def _export_locked(model: Model, images: Sequence[Path], out_dir: Path, progress: Progress | None, base: Path | None) -> dict:
+    clean_stale(out_dir, "predictions.jsonl")
     thr = model.thresholds
     vrange = _display_range(model)
-    partial = out_dir / ".predictions.jsonl.partial"
-    failures, n_ok, n_anomalous = [], 0, 0
+    partial = temp_path(out_dir / "predictions.jsonl", ".partial")
+    failures, n_ok, n_anomalous, used = [], 0, 0, set()
     t0 = time.perf_counter()
-    with open(partial, "w") as lines:
-        for s in score_stream(model, list(images), progress, f"exporting maps for {len(images)} images"):
-            path = Path(images[s.index])
-            if s.error:
-                failures.append({"path": str(path), "error": s.error})
-                continue
-            rel = path.relative_to(base).with_suffix("") if base and path.is_relative_to(base) else Path(path.stem)
-            row = {"path": str(path), "score": s.score}
-            if thr is not None:
-                row["is_anomalous"] = bool(s.score >= thr.image)
-                n_anomalous += row["is_anomalous"]
-            if s.amap is not None:
-                image = read_image(path)
-                lo, hi = vrange or (float(s.amap.min()), float(s.amap.max()))  # uncalibrated: per-image scale
-                full = np.full(s.orig_hw, lo, np.float32)
-                full[s.region] = s.amap
-                mask = model.postprocess.binarize(full, thr.pixel) if thr is not None and thr.pixel is not None else None
-                row["files"] = save_map_outputs(out_dir / rel, image, full, (lo, hi), mask)
-                if mask is not None:
-                    n_regions, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
-                    row.update(defect_area_px=int(mask.sum()), n_regions=int(n_regions - 1))
-            lines.write(json.dumps(row) + "\n")
-            n_ok += 1
-    partial.replace(out_dir / "predictions.jsonl")
+    try:
+        with open(partial, "w") as lines:
+            for s in score_stream(model, list(images), progress, f"exporting maps for {len(images)} images"):
+                path = Path(images[s.index])
+                if s.error:
+                    failures.append({"path": str(path), "error": s.error})
+                    continue
+                row = {"path": str(path), "score": s.score}
+                if thr is not None:
+                    row["is_anomalous"] = bool(s.score >= thr.image)
+                    n_anomalous += row["is_anomalous"]
+                if s.amap is not None:
+                    image = read_image(path)
+                    lo, hi = vrange or (float(s.amap.min()), float(s.amap.max()))  # models saved before display_range
+                    full = np.full(s.orig_hw, lo, np.float32)
+                    full[s.region] = s.amap
+                    mask = model.postprocess.binarize(full, thr.pixel) if thr is not None and thr.pixel is not None else None
+                    row["files"] = save_map_outputs(out_dir / output_stem(path, base, used), image, full, (lo, hi), mask, s.score,
+                                                    thr.image if thr else None, thr.pixel if thr else None)
+                    if mask is not None:
+                        n_regions, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+                        row.update(defect_area_px=int(mask.sum()), n_regions=int(n_regions - 1))
+                lines.write(dumps(row) + "\n")
+                n_ok += 1
+        partial.replace(out_dir / "predictions.jsonl")
+    finally:
+        partial.unlink(missing_ok=True)
     elapsed = time.perf_counter() - t0
     summary = {
         "n_images": len(images), "n_scored": n_ok, "n_failed": len(failures), "failures": failures,
         "n_anomalous": n_anomalous if thr is not None else None,
         "thresholds": thr.to_dict() if thr else None,
-        "display_range": list(vrange) if vrange else "per-image min-max (model has no calibration)",
+        "display_range": list(vrange) if vrange else "per-image min-max (model saved without a display range)",
+        "display_range_from": ("calibration holdout" if thr is not None and thr.pixel is not None
+                               else (model.meta.get("display_range") or {}).get("source")),
         "seconds": elapsed, "images_per_s": n_ok / elapsed if elapsed > 0 else None, "peak_rss_mb": peak_rss_mb(),
-        "outputs": "<stem>_overlay.png, <stem>_map.npy (float16, original resolution), <stem>_mask.png (0/255)",
+        "outputs": "<input file name>_overlay.png, _map.npy (float16, original resolution), _mask.png (0/255), "
+                   "under the input's relative path",
+        "out_dir": str(out_dir),
     }
     write_json(out_dir / "summary.json", summary)
     return summary

@@ -46,3 +46,10 @@ class ResourceError(PyimganoError):
     """The run needs more memory or disk than allowed or available (a limit, a full disk)."""
 
     exit_code = 7  # (6: a --fail-under gate)
+
+
+class OutputError(PyimganoError):
+    """An output location that cannot be written (``--out``/``output.root`` read-only, a file in
+    the way, disk full) or is held by another run."""
+
+    exit_code = 2

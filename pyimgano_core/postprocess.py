@@ -26,12 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class PostprocessConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     normalize: Literal["none", "minmax", "zscore", "percentile"] = "none"
     percentiles: tuple[float, float] = Field((1.0, 99.0), description="for normalize=percentile (per image)")
     clip: tuple[float, float] | None = None
-    blur_sigma: float = Field(0.0, ge=0, description="extra Gaussian blur at original resolution (0 = off)")
+    blur_sigma: float = Field(0.0, ge=0, le=100, description="extra Gaussian blur at original resolution (0 = off)")
     morphology: Literal["none", "open", "close"] = "none"
     kernel_size: int = Field(3, ge=1, description="square kernel for morphology")
     min_area: int = Field(0, ge=0, description="drop defect regions smaller than this many pixels (0 = keep all)")

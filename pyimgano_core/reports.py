@@ -1,10 +1,10 @@
 """Report files: atomic JSON, per-image JSON lines, and PNG/NPY anomaly-map exports."""
 from __future__ import annotations
 
+import io
 import json
-import os
+import math
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -12,18 +12,32 @@ import cv2
 import numpy as np
 
 from . import __version__
+from .outputs import write_bytes_atomic
+from .overlay import colorize, render_overlay  # noqa: F401  (colorize: used by reporting.collect)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data)
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by None: strict JSON that any parser reads."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (np.floating, np.integer)):
+        return finite_json(obj.item())
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return finite_json(obj.tolist())
+    return obj
+
+
+def dumps(obj: Any, **kw) -> str:
+    """Strict JSON (no NaN/Infinity tokens): non-finite numbers become null."""
+    return json.dumps(finite_json(obj), default=_default, allow_nan=False, **kw)
 
 
 def _default(o: Any):
@@ -39,13 +53,13 @@ def _default(o: Any):
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write JSON atomically (temp file + rename): a crash never leaves half a report."""
     path = Path(path)
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_default, allow_nan=True) + "\n").encode())
+    _atomic_write_bytes(path, (dumps(obj, indent=2) + "\n").encode())
     return path
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     path = Path(path)
-    _atomic_write_bytes(path, "".join(json.dumps(r, default=_default) + "\n" for r in rows).encode())
+    _atomic_write_bytes(path, "".join(dumps(r) + "\n" for r in rows).encode())
     return path
 
 
@@ -64,12 +78,6 @@ def versions() -> dict[str, str]:
     }
 
 
-def colorize(amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    """Map values to a JET heatmap (BGR uint8) over a fixed [vmin, vmax] range."""
-    scaled = (np.asarray(amap, np.float32) - vmin) / max(vmax - vmin, 1e-12)
-    return cv2.applyColorMap((np.clip(scaled, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
-
-
 def _png(path: Path, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", image)
     if not ok:
@@ -77,16 +85,18 @@ def _png(path: Path, image: np.ndarray) -> None:
     _atomic_write_bytes(path, buf.tobytes())
 
 
-def save_map_outputs(stem: Path, image_rgb: np.ndarray, amap_full: np.ndarray, vrange: tuple[float, float], mask: np.ndarray | None) -> dict[str, str]:
-    """Write ``<stem>_overlay.png`` (heatmap over the image), ``<stem>_map.npy`` (raw float16
-    map at original resolution) and, when given, ``<stem>_mask.png`` (0/255 defect mask)."""
-    heat = colorize(amap_full, *vrange)
-    overlay = cv2.addWeighted(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), 0.5, heat, 0.5, 0)
+def save_map_outputs(stem: Path, image_rgb: np.ndarray, amap_full: np.ndarray, vrange: tuple[float, float], mask: np.ndarray | None,
+                     score: float | None = None, image_threshold: float | None = None,
+                     pixel_threshold: float | None = None) -> dict[str, str]:
+    """Write ``<stem>_overlay.png`` (heatmap over the image on the run's fixed scale, with a
+    colour bar, the score and the defect contour; see :mod:`.overlay`), ``<stem>_map.npy``
+    (raw float16 map at original resolution) and, when given, ``<stem>_mask.png`` (0/255)."""
+    overlay = render_overlay(image_rgb, amap_full, vrange, mask, score, image_threshold, pixel_threshold)
     out = {"overlay": f"{stem}_overlay.png", "map": f"{stem}_map.npy"}
     _png(Path(out["overlay"]), overlay)
-    tmp = Path(f"{stem}_map.tmp.npy")
-    np.save(tmp, amap_full.astype(np.float16))
-    os.replace(tmp, out["map"])
+    buf = io.BytesIO()
+    np.save(buf, amap_full.astype(np.float16))
+    _atomic_write_bytes(Path(out["map"]), buf.getvalue())
     if mask is not None:
         out["mask"] = f"{stem}_mask.png"
         _png(Path(out["mask"]), mask.astype(np.uint8) * 255)

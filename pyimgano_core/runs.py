@@ -21,12 +21,14 @@ from .errors import ConfigError, DataError, ModelError, OptionalDependencyError,
 from .optional import require
 from .reporting.html import write_page
 from .reporting.summary import write_summary_pages
+from .outputs import check_writable
 from .reports import write_json
 
 if TYPE_CHECKING:  # export-maps --runtime onnx without a config must not import torch
     from .config import ExperimentConfig
     from .model import Model
 
+EXPORT_SUMMARY = "export_summary.json"  # never the eval run's summary.json
 METRIC_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")
 
 
@@ -86,8 +88,11 @@ def _summary(cfg: ExperimentConfig, command: str, done: dict, status: str, error
             "categories": done, "mean": means, "total_s": time.perf_counter() - t0}
 
 
-def _loop(cfg: ExperimentConfig, out: Path, command: str, splits: list[Split], body) -> dict:
-    """Run ``body(split) -> dict`` per category; always leave a truthful summary.json."""
+def _loop(cfg: ExperimentConfig, out: Path, command: str, splits: list[Split], body, summary_name: str = "summary.json") -> dict:
+    """Run ``body(split) -> dict`` per category; always leave a truthful summary file."""
+    check_writable(out, "run folder")
+    for split in splits:  # before any work: a file where a category folder must go fails now
+        check_writable(out / split.name, "category folder")
     t0 = time.perf_counter()
     done: dict = {}
     try:
@@ -95,22 +100,29 @@ def _loop(cfg: ExperimentConfig, out: Path, command: str, splits: list[Split], b
             done[split.name] = body(split)
     except PyimganoError as exc:
         if done:
-            write_json(out / "summary.json", _summary(cfg, command, done, "failed", str(exc), t0))
+            write_json(out / summary_name, _summary(cfg, command, done, "failed", str(exc), t0))
         raise
     summary = _summary(cfg, command, done, "ok", None, t0)
-    write_json(out / "summary.json", summary)
+    write_json(out / summary_name, summary)
     return summary
 
 
 def fit_run(cfg: ExperimentConfig, out_root: Path | None = None, progress: Progress | None = None) -> dict:
+    from .model import check_target
+
     out = run_dir(cfg, out_root)
+    splits = load_splits(cfg.dataset)
+    for split in splits:
+        check_target(out / split.name / "model")
 
     def body(split: Split) -> dict:
         model, timing = build_model(cfg, split, progress)
         folder = model.save(out / split.name / "model")
-        return {"model": str(folder), "timing": timing, "thresholds": model.thresholds.to_dict() if model.thresholds else None}
+        warnings = [model.thresholds.warning] if model.thresholds and model.thresholds.warning else []
+        return {"model": str(folder), "timing": timing, "thresholds": model.thresholds.to_dict() if model.thresholds else None,
+                "warnings": warnings}
 
-    return _loop(cfg, out, "fit", load_splits(cfg.dataset), body)
+    return _loop(cfg, out, "fit", splits, body)
 
 
 def eval_run(cfg: ExperimentConfig, out_root: Path | None = None, model_arg: Path | None = None,
@@ -125,7 +137,7 @@ def eval_run(cfg: ExperimentConfig, out_root: Path | None = None, model_arg: Pat
         report = evaluate_split(cfg, split, model, out / split.name, progress, timing)
         if cfg.output.html:
             write_page(out / split.name)
-        return {k: report[k] for k in ("metrics", "per_defect", "decisions", "counts", "timing")} | {"report": str(out / split.name / "report.json")}
+        return {k: report[k] for k in ("metrics", "per_defect", "decisions", "counts", "timing", "warnings")} | {"report": str(out / split.name / "report.json")}
 
     if cfg.output.html:  # before any work: the page's plots need matplotlib
         try:
@@ -170,22 +182,28 @@ def export_run(cfg: ExperimentConfig, out_root: Path | None = None, model_arg: P
         paths = [s.path for s in split.test]
         return export_images(model, paths, out / split.name / "maps", progress, base=_common_root(paths))
 
-    return _loop(cfg, out, "export-maps", splits, body)
+    return _loop(cfg, out, "export-maps", splits, body, EXPORT_SUMMARY)
 
 
 def export_folder_run(model_arg: Path, input_dir: Path, out_root: Path | None = None, progress: Progress | None = None,
-                      runtime: str = "torch", name: str = "export") -> dict:
+                      runtime: str = "torch", name: str | None = None) -> dict:
     """Maps for every image under ``input_dir`` with a saved model: no config, no dataset.
 
-    Outputs go to ``<out_root>/<name>/<category>/export``. With ``runtime="onnx"`` nothing here imports torch.
+    Outputs go to ``<out_root>/<name>/<category>/export`` (``name``/``category``: the model's
+    own unless given) and ``<out_root>/<name>/export_summary.json``. With ``runtime="onnx"``
+    nothing here imports torch.
     """
-    out = Path(out_root or "reports") / name
+    folder = Path(model_arg) if (Path(model_arg) / "model.json").is_file() else _single_model(model_arg)
     images = list_images(Path(input_dir))
-    model = load_for_runtime(model_arg if (Path(model_arg) / "model.json").is_file() else _single_model(model_arg), runtime)
-    category = model.meta.get("category", "input")
+    model = load_for_runtime(folder, runtime)
+    name = name or model.meta.get("name") or "export"
+    category = model.meta.get("category") or "input"
+    out = Path(out_root or "reports") / name
+    check_writable(out / category / "export")
     summary = export_images(model, images, out / category / "export", progress, base=Path(input_dir))
-    write_json(out / "summary.json", {"name": name, "command": "export-maps", "status": "ok", "categories": {category: summary}})
-    return {"name": name, "status": "ok", "categories": {category: summary}}
+    result = {"name": name, "command": "export-maps", "status": "ok", "model": str(folder), "categories": {category: summary}}
+    write_json(out / EXPORT_SUMMARY, result)
+    return result
 
 
 def _single_model(model_arg: Path) -> Path:

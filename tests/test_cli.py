@@ -76,8 +76,8 @@ def test_export_maps_folder_with_corrupt_and_grayscale(tree, tmp_path):
     out = tmp_path / "x/t/widget/export"
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and {"path", "score", "is_anomalous", "defect_area_px", "n_regions"} <= set(rows[0])
-    assert (out / "gray_overlay.png").is_file() and (out / "gray_mask.png").is_file()
-    amap = np.load(out / "gray_map.npy")
+    assert (out / "gray.png_overlay.png").is_file() and (out / "gray.png_mask.png").is_file()
+    amap = np.load(out / "gray.png_map.npy")
     assert amap.shape == gray.shape and amap.dtype == np.float16
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_failed"] == 1 and summary["failures"][0]["path"].endswith("broken.png")

@@ -90,9 +90,9 @@ def test_bad_postprocess_settings_are_config_errors():
 
 
 def test_thresholds_are_quantiles_of_known_distributions():
-    scores = np.arange(1, 101, dtype=np.float64)  # 1..100: the 0.99 quantile (linear) is 99.01
+    scores = np.arange(1, 101, dtype=np.float64)  # 1..100: conformal rank ceil(101 * 0.99) = 100
     thr = fit_thresholds(scores, [np.linspace(0, 1, 1001, dtype=np.float32)], image_q=0.99, pixel_q=0.999)
-    assert thr.image == pytest.approx(99.01) and thr.pixel == pytest.approx(0.999, abs=1e-6)
+    assert thr.image == 100 and thr.expected_fpr == pytest.approx(1 / 101) and thr.pixel == pytest.approx(0.999, abs=1e-6)
     normal = np.random.default_rng(0).normal(0, 1, 200_000)
     assert fit_thresholds(normal, None, 0.975, 0.5).image == pytest.approx(1.96, abs=0.03)
 

@@ -42,7 +42,7 @@ class DatasetBase(BaseModel):
         ``random``: ``k`` images drawn at random with the seed.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     contamination: Contamination | None = None
     missing_mask: Literal["error", "exclude"] = "error"
@@ -221,12 +221,14 @@ def finish_split(
         warnings.append(
             f"{len(empty)} defective test image(s) have an empty mask (no pixel > "
             f"{mask_threshold}): kept; they add only background pixels to pixel "
-            "AUROC/AP and no region to AUPRO"
+            "AUROC/AP and no region to AUPRO. If the masks are stored as 0/1, set "
+            "dataset.mask_threshold: 0"
         )
     if not anomalous:
-        warnings.append("test split has no defective images: image AUROC is undefined")
+        warnings.append("test split has no defective images: image AUROC/AP and pixel metrics are undefined; "
+                        "add defective test images (with masks) to measure detection")
     if len(anomalous) == len(test):
-        warnings.append("test split has no normal images: image AUROC is undefined")
+        warnings.append("test split has no normal images: image AUROC is undefined; add good test images")
     notes["warnings"] = warnings
     return Split(
         name=name,

@@ -30,7 +30,7 @@ class Contamination(BaseModel):
         Keep the moved images in the test set as well (paper's overlap setting).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     ratio: float = Field(ge=0)
     seed: int = 0

@@ -34,7 +34,7 @@ class MaskSpec(BaseModel):
         Mask file extension, with the dot.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     mode: Literal["mask_dir", "suffix", "same_folder_ext"]
     dir: str | None = None

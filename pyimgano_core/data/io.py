@@ -49,6 +49,8 @@ def _decode(path: str | os.PathLike) -> np.ndarray:
         raise _fail(path, exc.strerror or exc) from None
     if buf.size == 0:
         raise _fail(path, "empty file")
+    if not _complete(buf):  # let PIL name the problem: libpng/libjpeg would print stray stderr lines
+        return _decode_pil(path)
     arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if arr is not None:
         if arr.ndim == 3 and arr.shape[2] in (3, 4):
@@ -58,6 +60,30 @@ def _decode(path: str | os.PathLike) -> np.ndarray:
             arr = _convert(arr, code, [2, 1, 0, 3][: arr.shape[2]])
         return arr
     return _decode_pil(path)
+
+
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+
+
+def _complete(buf: np.ndarray) -> bool:
+    """False for a PNG whose chunk chain stops before IEND (a truncated file: a partial upload
+    or copy) or a JPEG without its end marker. OpenCV prints ``libpng error: ...`` /
+    ``Corrupt JPEG data`` / ``[ WARN ]`` lines on stderr for those before failing; PIL gives
+    the reason as an exception instead. Walks chunk headers only (microseconds; CRCs are not
+    checked, so a bit flip inside a complete file is still OpenCV's to report)."""
+    head = buf[:8].tobytes()
+    if head[:2] == b"\xff\xd8":
+        tail = buf[-64:].tobytes().rstrip(b"\x00")
+        return tail.endswith(b"\xff\xd9")
+    if head != _PNG_SIG:
+        return True
+    pos, n = 8, len(buf)
+    while pos + 12 <= n:
+        length = int.from_bytes(buf[pos : pos + 4].tobytes(), "big")
+        if buf[pos + 4 : pos + 8].tobytes() == b"IEND":
+            return pos + 12 + length <= n
+        pos += 12 + length
+    return False
 
 
 def _convert(arr: np.ndarray, code: int, channels: list[int]) -> np.ndarray:

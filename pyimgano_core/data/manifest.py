@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -35,12 +36,17 @@ class ManifestConfig(DatasetBase):
         Split name; default: the manifest's file stem.
     mask_threshold : int
         Mask pixels ``> mask_threshold`` are defects.
+    allow_outside_root : bool
+        Paths in the manifest must stay inside its folder (no ``../`` escapes, no absolute
+        paths elsewhere), so a manifest from someone else cannot make us read arbitrary
+        files; ``true`` lifts that. Symlinks inside the folder are followed as usual.
     """
 
     type: Literal["manifest"] = "manifest"
     path: Path
     category: str | None = None
     mask_threshold: int = Field(127, ge=0, le=254)
+    allow_outside_root: bool = Field(False, description="allow image/mask paths outside the manifest's folder")
 
 
 def read_table(
@@ -138,11 +144,21 @@ def samples_from_rows(
     train: list[Sample] = []
     test: list[Sample] = []
     seen: dict[Path, int] = {}
+    confine = not getattr(cfg, "allow_outside_root", False)
+    root = os.path.normpath(abs_path(base))
+
+    def inside(kind: str, value: str, where: str) -> Path:
+        path = abs_path(value, base)
+        if confine and os.path.commonpath([root, os.path.normpath(path)]) != root:
+            raise DataError(f"{where}: {kind} path {value!r} is outside the {what}'s folder {root}; "
+                            "set dataset.allow_outside_root: true to allow it")
+        return path
+
     for n, row in rows:
         where = f"{what} {src} line {n}"
         if not row.get("image"):
             raise DataError(f"{where}: empty image path")
-        img = abs_path(row["image"], base)
+        img = inside("image", row["image"], where)
         if img in seen:
             raise DataError(f"{what} {src} lines {seen[img]} and {n} both list image {img}")
         seen[img] = n
@@ -167,7 +183,7 @@ def samples_from_rows(
             if defect == GOOD:
                 raise DataError(f"{where}: defective image has defect_type 'good'")
             if row.get("mask"):
-                mask = abs_path(row["mask"], base)
+                mask = inside("mask", row["mask"], where)
                 if not mask.is_file():
                     raise DataError(f"{where}: mask {mask} does not exist")
             elif split == "test" and cfg.missing_mask == "error":

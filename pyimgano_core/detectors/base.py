@@ -12,15 +12,36 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..errors import ConfigError, NotFittedError
 
+MAX_SIDE = 8192  # pixels: larger model inputs are a typo, not a plan
+
 
 class DetectorParams(BaseModel):
-    """Base of every detector's parameter model: strict, typo-proof."""
+    """Base of every detector's parameter model: strict, typo-proof, finite numbers only.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Sizes (``image_size``, ``crop``) must lie in 1..8192 pixels and ``blur_sigma`` in 0..100,
+    so a typo fails here with one line instead of as an allocation failure after the fit.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("image_size", "crop", check_fields=False)
+    @classmethod
+    def _pixel_sizes(cls, v):
+        for x in ([v] if isinstance(v, int) else list(v or [])):
+            if not 1 <= x <= MAX_SIDE:
+                raise ValueError(f"must be between 1 and {MAX_SIDE} pixels, got {x}")
+        return v
+
+    @field_validator("blur_sigma", check_fields=False)
+    @classmethod
+    def _sigma(cls, v):
+        if not 0 <= v <= 100:
+            raise ValueError(f"must be between 0 and 100 (model-input pixels), got {v}")
+        return v
 
 
 @dataclass

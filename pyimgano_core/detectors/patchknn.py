@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..errors import ConfigError, ModelError, ResourceError
+from ..errors import ConfigError, DataError, ModelError, ResourceError
 from ..features.geometry import Geometry
 from ..features.loading import iter_batches
 from ..features.store import FeatureStore
@@ -144,6 +144,15 @@ _INDEX_OPTIONS = {"knn_backend": "exact", "hnsw_m": "hnsw", "hnsw_ef_constructio
                   "ivf_nlist": "ivf", "ivf_nprobe": "ivf"}
 
 
+def _check_grid(images, start: int, orig_hw: np.ndarray, grid_hw: tuple[int, int]) -> None:
+    """Refuse an image smaller than the patch grid: its map would be invented by upsampling."""
+    for j, (h, w) in enumerate(orig_hw):
+        if h < grid_hw[0] or w < grid_hw[1]:
+            item = images[start + j]
+            name = item if isinstance(item, (str, os.PathLike)) else f"#{start + j}"
+            raise DataError(f"image {name} is {w}x{h} px, smaller than the model's {grid_hw[1]}x{grid_hw[0]} patch grid")
+
+
 class PatchKNNDetector(Detector):
     """Embed -> memory bank -> nearest-neighbour patch scores -> (image score, map).
 
@@ -185,6 +194,7 @@ class PatchKNNDetector(Detector):
         emb = self._embedder()
         p = self.params_
         batches = iter_batches(images, self.geometry, p.batch_size)
+        start = 0
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)
@@ -197,6 +207,8 @@ class PatchKNNDetector(Detector):
             if feats.ndim != 4 or len(feats) != len(batch.pixels):
                 raise ValueError(f"embedder must return [B, h, w, D] features, got shape {feats.shape}")
             timing["embed_s"] = timing.get("embed_s", 0.0) + time.perf_counter() - t1
+            _check_grid(images, start, batch.orig_hw, feats.shape[1:3])
+            start += len(feats)
             yield feats, batch
 
     def _fit(self, images: list) -> None:

@@ -20,6 +20,9 @@ timm and open_clip are imported only here, when such an embedder is built.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 from pathlib import Path
 
 import torch
@@ -165,6 +168,38 @@ def _check_file(weights: str) -> Path:
     return path
 
 
+def _offline_unless_reachable(host: str = "huggingface.co") -> contextlib.AbstractContextManager:
+    """Hub downloads retry for ~50 s when there is no network. Probe the hub once (3 s); when
+    it cannot be reached, run the build with ``HF_HUB_OFFLINE=1`` so cached weights still load
+    and missing ones fail at once with our one-line error."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return contextlib.nullcontext()
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return contextlib.nullcontext()
+    except OSError:
+        return _env(HF_HUB_OFFLINE="1")
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    """Set environment variables (and huggingface_hub's offline constant, read at its import)."""
+    import huggingface_hub.constants as hub
+
+    old, old_hub = {k: os.environ.get(k) for k in values}, hub.HF_HUB_OFFLINE
+    os.environ.update(values)
+    hub.HF_HUB_OFFLINE = values.get("HF_HUB_OFFLINE") == "1" or old_hub
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = old_hub
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def build_timm_vit(name: str, weights: str | None) -> TimmViTEmbedder:
     timm = require("timm", extra="dino")
     if not timm.is_model(name):
@@ -186,7 +221,11 @@ def build_timm_vit(name: str, weights: str | None) -> TimmViTEmbedder:
     if weights is None:
         return TimmViTEmbedder(_seeded(create))
     try:
-        model = create()
+        if weights == "DEFAULT":
+            with _offline_unless_reachable():
+                model = create()
+        else:
+            model = create()
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - network, cache or checkpoint failures
@@ -212,7 +251,13 @@ def build_openclip_vit(name: str, weights: str | None) -> OpenCLIPViTEmbedder:
         weights = str(_check_file(weights))
     try:
         build = lambda: open_clip.create_model(name, pretrained=weights)  # noqa: E731
-        model = _seeded(build) if weights is None else build()
+        if weights is None:
+            model = _seeded(build)
+        elif weights in tags:
+            with _offline_unless_reachable():
+                model = build()
+        else:
+            model = build()
     except Exception as exc:  # noqa: BLE001 - network, cache or checkpoint failures
         raise ModelError(
             f"Cannot obtain OpenCLIP {name} weights {weights!r} ({type(exc).__name__}: "

@@ -1,0 +1,89 @@
+"""Backbone tensors inside a model folder, so the folder is self-contained and movable.
+
+A fitted patch-kNN detector's embedder is a ``torch.nn.Module`` cut after its deepest tapped
+layer (``create_feature_extractor`` keeps only the nodes the taps need), so its
+``state_dict()`` is exactly the set of backbone tensors the model uses. We save that plain
+state dict as ``backbone.pt`` (``torch.save`` of tensors only; read back with
+``weights_only=True``, never pickle), record its sha256 in ``model.json`` and, on load, build
+the same architecture with random weights (no file, no download) and load the tensors into
+it with ``strict=True``. The ``weights`` parameter keeps its original value as provenance.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+BACKBONE_FILE = "backbone.pt"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _module_embedder(detector) -> "torch.nn.Module | None":
+    """The detector's embedder when it is a module we can rebuild from its parameters."""
+    import torch
+
+    if not hasattr(detector, "_make_embedder") or "weights" not in type(detector.params_).model_fields:
+        return None
+    emb = detector.embedder if detector.embedder is not None else detector._embedder()
+    return emb if isinstance(emb, torch.nn.Module) else None
+
+
+def save_backbone(detector, folder: Path) -> dict[str, Any] | None:
+    """Write ``backbone.pt`` into ``folder``; return its record for ``model.json`` (or None)."""
+    import torch
+
+    emb = _module_embedder(detector)
+    if emb is None:
+        return None
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in emb.state_dict().items()}
+    path = folder / BACKBONE_FILE
+    torch.save(state, path)
+    return {"file": BACKBONE_FILE, "sha256": _sha256(path), "n_tensors": len(state),
+            "n_values": int(sum(t.numel() for t in state.values())),
+            "source_weights": detector.params_.weights}
+
+
+def load_backbone(detector, folder: Path, record: dict[str, Any]) -> None:
+    """Verify ``backbone.pt`` against its sha256 and install it as the detector's embedder."""
+    import torch
+
+    path = folder / record["file"]
+    if Path(record["file"]).name != record["file"] or not path.is_file():
+        raise ModelError(f"{folder}: backbone tensors {record['file']!r} missing from the model folder")
+    digest = _sha256(path)
+    if digest != record["sha256"]:
+        raise ModelError(f"{path}: sha256 {digest[:12]}... does not match model.json ({record['sha256'][:12]}...); "
+                         "the model folder is corrupt or was edited")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file
+        raise ModelError(f"{path}: cannot read backbone tensors ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: not a plain state dict of tensors")
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelError(f"{path}: backbone tensor {name!r} holds NaN or infinite values")
+    # Same architecture, random init (weights=None: no file, no network), then the saved tensors.
+    fitted = detector.params_
+    detector.params_ = fitted.model_copy(update={"weights": None})
+    try:
+        emb = detector._make_embedder()
+    finally:
+        detector.params_ = fitted
+    try:
+        emb.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{path}: backbone tensors do not fit {fitted.backbone}: {str(exc).splitlines()[0]}") from None
+    detector.embedder = emb.eval()
