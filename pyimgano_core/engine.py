@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import resource
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
@@ -24,6 +26,7 @@ from .data.shots import describe_shots, select_shots
 from .data.types import Split
 from .errors import ConfigError, DataError
 from .features.geometry import map_to_original
+from .metrics_stream import PixelMetricStream
 from .outputs import check_writable, clean_stale, folder_lock, temp_path
 from .reports import dumps, save_map_outputs, versions, write_json, write_jsonl
 from .postprocess import AnomalyMapPostprocess
@@ -32,7 +35,9 @@ if TYPE_CHECKING:  # importing the engine must not import torch (the ONNX runtim
     from .config import ExperimentConfig
     from .model import Model
 
-CHUNK = 32  # images per predict call: bounds memory, gives progress ticks
+CHUNK = 16  # images per predict call: bounds memory, gives progress ticks
+DECODE_WORKERS = 4  # threads decoding the next chunk while the model runs on this one
+WRITERS = 2  # threads encoding and writing export files
 
 
 class Progress(Protocol):
@@ -57,6 +62,7 @@ class Scored:
     region: tuple[slice, slice] | None
     orig_hw: tuple[int, int]
     error: str | None = None
+    image: np.ndarray | None = None  # the decoded input (HxWx3 uint8 RGB), when asked for
 
 
 class StageProgress:
@@ -124,40 +130,60 @@ def build_model(cfg: ExperimentConfig, split: Split, progress: Progress | None =
 
 
 # ---------------------------------------------------------------------------------- scoring
+def _decode(item) -> tuple[np.ndarray | None, str | None]:
+    """An image as HxWx3 uint8 RGB, or the one-line reason it cannot be used (never raises)."""
+    try:
+        image = read_image(item) if isinstance(item, (str, Path)) else np.asarray(item)
+    except DataError as exc:
+        return None, str(exc)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        return None, f"images must be HxWx3 uint8 arrays or paths, got {image.dtype} {image.shape}"
+    return image, None
+
+
 def score_stream(model: Model, images: Sequence, progress: Progress | None = None, description: str = "scoring",
-                 raw: bool = False, timing: dict | None = None) -> Iterator[Scored]:
+                 raw: bool = False, timing: dict | None = None, keep_images: bool = False) -> Iterator[Scored]:
     """Score images in chunks; yield each with its map at original resolution, post-processed.
 
-    An unreadable image does not stop the stream: its chunk is retried image by image and the
-    bad one is yielded with ``error`` set. ``raw=True`` skips post-processing (calibration).
+    Images are decoded on a thread pool one chunk ahead (OpenCV releases the GIL), so decoding
+    the next chunk overlaps the model's forward pass and search on this one; at most two chunks
+    of decoded images are held. An unreadable image is yielded with ``error`` set and never
+    reaches the model (each image is predicted exactly once). ``raw=True`` skips
+    post-processing (calibration); ``keep_images=True`` passes the decoded image along.
     """
     progress = progress or NullProgress()
     progress.start(description, len(images))
+    n = len(images)
     try:
-        for start in range(0, len(images), CHUNK):
-            chunk = list(images[start : start + CHUNK])
-            try:
-                preds = [(start, model.detector.predict(chunk))]
-            except DataError:
-                preds = []
-                for j, item in enumerate(chunk):
-                    try:
-                        preds.append((start + j, model.detector.predict([item])))
-                    except DataError as exc:
-                        yield Scored(start + j, float("nan"), None, None, (0, 0), error=str(exc))
-            for offset, pred in preds:
+        with ThreadPoolExecutor(max_workers=DECODE_WORKERS, thread_name_prefix="pyimgano-decode") as pool:
+            decoded = deque(pool.submit(_decode, images[i]) for i in range(min(n, CHUNK)))
+            for start in range(0, n, CHUNK):
+                t0 = time.perf_counter()
+                chunk = [decoded.popleft().result() for _ in range(min(CHUNK, n - start))]
+                waited = time.perf_counter() - t0  # decoding not hidden behind the previous chunk
+                for i in range(start + CHUNK, min(n, start + 2 * CHUNK)):  # next chunk: decoded during predict
+                    decoded.append(pool.submit(_decode, images[i]))
+                ok = [j for j, (_, err) in enumerate(chunk) if err is None]
+                pred = model.detector.predict([chunk[j][0] for j in ok]) if ok else None
                 if timing is not None:
-                    for k, v in pred.timing.items():
+                    timing["decode_wait_s"] = timing.get("decode_wait_s", 0.0) + waited
+                    for k, v in (pred.timing.items() if pred else ()):
                         timing[k] = timing.get(k, 0.0) + v
-                for j in range(len(pred.scores)):
-                    hw = (int(pred.orig_hw[j][0]), int(pred.orig_hw[j][1]))
+                rows = iter(range(len(ok)))
+                for j, (image, err) in enumerate(chunk):
+                    if err is not None:
+                        yield Scored(start + j, float("nan"), None, None, (0, 0), error=err)
+                        continue
+                    r = next(rows)
+                    hw = (int(pred.orig_hw[r][0]), int(pred.orig_hw[r][1]))
                     amap = region = None
                     if pred.maps is not None:
-                        amap, region = map_to_original(pred.maps[j], hw, pred.boxes[j])
+                        amap, region = map_to_original(pred.maps[r], hw, pred.boxes[r])
                         if not raw:
                             amap = model.postprocess.transform(amap)
-                    yield Scored(offset + j, float(pred.scores[j]), amap, region, hw)
-            progress.advance(len(chunk))
+                    yield Scored(start + j, float(pred.scores[r]), amap, region, hw, image=image if keep_images else None)
+                del chunk, pred
+                progress.advance(min(CHUNK, n - start))
     finally:
         progress.stop()
 
@@ -187,30 +213,30 @@ def _safe(fn, *args, **kw):
         return None
 
 
-def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks: list, maps: list, fpr_limit: float) -> dict:
+def compute_metrics(labels: np.ndarray, scores: np.ndarray, pixels: PixelMetricStream | None, fpr_limit: float,
+                    groups: set[str] | None = None) -> dict:
+    """Image metrics, and pixel metrics over the streamed maps of ``groups`` (None: all)."""
     out = {"image_auroc": _safe(M.image_auroc, labels, scores), "image_ap": _safe(M.image_ap, labels, scores)}
-    if masks:
+    if pixels is not None and len(pixels):
         try:
-            out.update(M.pixel_metrics(masks, maps, fpr_limit=fpr_limit))
+            out.update(pixels.metrics(fpr_limit, groups))
         except ValueError:
             out.update(pixel_auroc=None, pixel_ap=None, aupro=None)
     return out
 
 
-def _decision_metrics(model: Model, labels, scores, defects, masks, maps) -> dict:
+def _decision_metrics(model: Model, labels, scores, defects, pixels: PixelMetricStream | None, pixel_counts) -> dict:
     """Image/pixel decisions at the calibrated thresholds, next to the oracle F1-max."""
     thr = model.thresholds
     pred = scores >= thr.image
     out = {"thresholds": thr.to_dict(), "image": M.binary_stats(labels, pred)}
     good = defects == "good"
     out["image"]["test_good_fpr"] = float(pred[good].mean()) if good.any() else None
-    if masks and thr.pixel is not None:
-        binary = np.concatenate([model.postprocess.binarize(m, thr.pixel).ravel() for m in maps])
-        out["pixel"] = M.binary_stats(np.concatenate([g.ravel() for g in masks]), binary)
+    if pixel_counts is not None:
+        out["pixel"] = M.stats_from_counts(**pixel_counts)
     oracle = {"image_f1_max": _safe(lambda: M.f1_max(labels, scores)[0])}
-    if masks:
-        oracle["pixel_f1_max"] = _safe(lambda: M.f1_max(np.concatenate([g.ravel() for g in masks]),
-                                                        np.concatenate([m.ravel() for m in maps]))[0])
+    if pixels is not None and len(pixels):
+        oracle["pixel_f1_max"] = _safe(lambda: pixels.f1_max()[0])
     out["oracle_f1_max_NOT_a_deployable_threshold"] = oracle
     return out
 
@@ -218,7 +244,15 @@ def _decision_metrics(model: Model, labels, scores, defects, masks, maps) -> dic
 # ---------------------------------------------------------------------------------- evaluation
 def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: Path, progress: Progress | None = None,
                    fit_timing: dict | None = None) -> dict:
-    """Score ``split.test`` once, compute metrics overall and per defect type, write the report."""
+    """Score ``split.test`` once, compute metrics overall and per defect type, write the report.
+
+    Maps are not kept in memory: each goes once to a temporary spill file (removed on any exit)
+    and the exact pixel metrics are computed from it in a second pass (metrics_stream)."""
+    with PixelMetricStream() as pixels:
+        return _evaluate(cfg, split, model, out_dir, progress, fit_timing, pixels)
+
+
+def _evaluate(cfg, split, model, out_dir, progress, fit_timing, pixels: PixelMetricStream) -> dict:
     from .reporting.collect import ReportCollector
 
     t_start = time.perf_counter()
@@ -226,8 +260,10 @@ def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: P
     samples = split.test
     n = len(samples)
     scores = np.full(n, np.nan, dtype=np.float64)
-    pix_masks, pix_maps, pix_owner, pix_region = [], [], [], []
-    covered, detail = [], {}
+    pix_owner, pix_region, covered, detail = [], [], [], {}
+    thr_pixel = model.thresholds.pixel if model.thresholds else None
+    counts = dict(tp=0, fp=0, fn=0, tn=0) if thr_pixel is not None else None
+    lo, hi = np.inf, -np.inf
     t0 = time.perf_counter()
     for s in score_stream(model, [x.path for x in samples], progress, f"[{split.name}] scoring {n} test images", timing=detail):
         if s.error:
@@ -248,8 +284,12 @@ def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: P
         amap = s.amap
         if cfg.metrics.resolution != "original":
             gt, amap = _downscale(gt, amap, int(cfg.metrics.resolution))
-        pix_masks.append(gt)
-        pix_maps.append(amap)
+        pixels.add(gt, amap, sample.defect_type)
+        lo, hi = min(lo, float(amap.min())), max(hi, float(amap.max()))
+        if counts is not None:
+            for k, v in M.binary_stats(gt, model.postprocess.binarize(amap, thr_pixel)).items():
+                if k in counts:
+                    counts[k] += v
         pix_owner.append(s.index)
         pix_region.append((s.region, s.orig_hw))
         collector.add(s.index, sample.label, s.score, amap, gt, s.region)
@@ -259,23 +299,19 @@ def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: P
     labels = np.array([x.label for x in samples])
     defects = np.array([x.defect_type for x in samples])
     fpr_limit = cfg.metrics.aupro_fpr_limit
-    metrics = compute_metrics(labels, scores, pix_masks, pix_maps, fpr_limit)
+    metrics = compute_metrics(labels, scores, pixels, fpr_limit)
     per_defect = {}
     if cfg.metrics.per_defect:
-        owner = np.array(pix_owner, dtype=np.int64)
         for d in sorted(set(defects.tolist()) - {"good"}):
             sel = (defects == "good") | (defects == d)
-            keep = sel[owner] if len(owner) else np.zeros(0, bool)
-            per_defect[d] = {"n": int((defects == d).sum()), **compute_metrics(
-                labels[sel], scores[sel], [m for m, k in zip(pix_masks, keep) if k], [m for m, k in zip(pix_maps, keep) if k], fpr_limit)}
-    decisions = _decision_metrics(model, labels, scores, defects, pix_masks, pix_maps) if model.thresholds else None
+            per_defect[d] = {"n": int((defects == d).sum()), **compute_metrics(labels[sel], scores[sel], pixels, fpr_limit, {"good", d})}
+    decisions = _decision_metrics(model, labels, scores, defects, pixels, counts if pix_owner else None) if model.thresholds else None
     metrics_s = time.perf_counter() - t0
 
     report_parts = collector.finish(samples, labels, scores, out_dir, _display_range(model))
     maps_written = None
-    if cfg.output.save_maps and pix_maps:
-        maps_written = _save_eval_maps(model, samples, pix_owner, pix_region, pix_maps, out_dir / "maps")
-    del pix_maps, pix_masks
+    if cfg.output.save_maps and pix_owner:
+        maps_written = _save_eval_maps(model, samples, pix_owner, pix_region, pixels, (lo, hi), out_dir / "maps")
 
     timing = dict(fit_timing or {})
     timing.update(predict_s=predict_s, predict_s_per_image=predict_s / max(n, 1), metrics_s=metrics_s,
@@ -334,18 +370,16 @@ def _warnings(split: Split, model: Model, metrics: dict, cfg: ExperimentConfig) 
     return list(dict.fromkeys(out))
 
 
-def _display_range(model: Model, maps: list[np.ndarray] | None = None) -> tuple[float, float] | None:
+def _display_range(model: Model) -> tuple[float, float] | None:
     """One fixed colour range for a whole run, from the model: calibrated -> held-out median at
     the bottom, pixel threshold mid-scale; else the range recorded from training images at fit
-    time; models saved before that fall back to the maps at hand (eval) or None."""
+    time; None for models saved before that (callers fall back to the maps' own range)."""
     thr = model.thresholds
     if thr is not None and thr.pixel is not None and thr.pixel_median is not None:
         return thr.pixel_median, 2 * thr.pixel - thr.pixel_median
     rec = model.meta.get("display_range")
     if rec:
         return float(rec["lo"]), float(rec["hi"])
-    if maps:
-        return float(min(m.min() for m in maps)), float(max(m.max() for m in maps))
     return None
 
 
@@ -360,18 +394,26 @@ def record_display_range(model: Model, maps: list[np.ndarray], source: str) -> N
         model.meta["display_range"] = {"lo": lo, "hi": 2 * q - lo, "source": source}
 
 
-def _save_eval_maps(model: Model, samples, owners, regions, maps, folder: Path) -> dict:
-    vrange = _display_range(model, maps)
-    thr = model.thresholds.pixel if model.thresholds else None
+def _save_eval_maps(model: Model, samples, owners, regions, pixels: PixelMetricStream, value_range, folder: Path) -> dict:
+    thr = model.thresholds
+    thr_pixel = thr.pixel if thr is not None else None
+    vrange = _display_range(model) or value_range
     used: set[str] = set()
-    for i, (region, hw), amap in zip(owners, regions, maps):
-        x = samples[i]
-        full = np.full(hw, vrange[0], np.float32)  # outside the model's view: bottom of the scale
-        h, w = region[0].stop - region[0].start, region[1].stop - region[1].start
-        full[region] = amap if amap.shape == (h, w) else cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
-        mask = model.postprocess.binarize(full, thr) if thr is not None else None
-        save_map_outputs(folder / x.defect_type / output_stem(Path(x.path), None, used), read_image(x.path), full, vrange, mask,
-                         None, None, thr)
+    with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="pyimgano-write") as pool:
+        jobs = deque()
+        for item, (i, (region, hw)) in enumerate(zip(owners, regions)):
+            amap = pixels.read(item)  # back from the spill file, one map at a time
+            x = samples[i]
+            full = np.full(hw, vrange[0], np.float32)  # outside the model's view: bottom of the scale
+            h, w = region[0].stop - region[0].start, region[1].stop - region[1].start
+            full[region] = amap if amap.shape == (h, w) else cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
+            mask = model.postprocess.binarize(full, thr_pixel) if thr_pixel is not None else None
+            stem = folder / x.defect_type / output_stem(Path(x.path), None, used)
+            jobs.append(pool.submit(save_map_outputs, stem, read_image(x.path), full, vrange, mask, None, None, thr_pixel))
+            while len(jobs) > 2 * WRITERS:  # bounded: memory stays flat
+                jobs.popleft().result()
+        for job in jobs:
+            job.result()
     return {"folder": str(folder), "display_range": list(vrange)}
 
 
@@ -406,31 +448,45 @@ def _export_locked(model: Model, images: Sequence[Path], out_dir: Path, progress
     vrange = _display_range(model)
     partial = temp_path(out_dir / "predictions.jsonl", ".partial")
     failures, n_ok, n_anomalous, used = [], 0, 0, set()
+
+    def write(s: Scored, path: Path, stem: Path) -> dict:  # on a writer thread: cv2 encoding releases the GIL
+        row = {"path": str(path), "score": s.score}
+        if thr is not None:
+            row["is_anomalous"] = bool(s.score >= thr.image)
+        if s.amap is not None:
+            lo, hi = vrange or (float(s.amap.min()), float(s.amap.max()))  # models saved before display_range
+            full = np.full(s.orig_hw, lo, np.float32)
+            full[s.region] = s.amap
+            mask = model.postprocess.binarize(full, thr.pixel) if thr is not None and thr.pixel is not None else None
+            row["files"] = save_map_outputs(out_dir / stem, s.image, full, (lo, hi), mask, s.score,
+                                            thr.image if thr else None, thr.pixel if thr else None)
+            if mask is not None:
+                n_regions, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+                row.update(defect_area_px=int(mask.sum()), n_regions=int(n_regions - 1))
+        return row
+
     t0 = time.perf_counter()
     try:
-        with open(partial, "w") as lines:
-            for s in score_stream(model, list(images), progress, f"exporting maps for {len(images)} images"):
+        with open(partial, "w") as lines, ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="pyimgano-write") as pool:
+            jobs: deque = deque()
+
+            def finish_oldest() -> None:  # rows keep input order
+                nonlocal n_ok, n_anomalous
+                row = jobs.popleft().result()
+                n_anomalous += bool(row.get("is_anomalous"))
+                lines.write(dumps(row) + "\n")
+                n_ok += 1
+
+            for s in score_stream(model, list(images), progress, f"exporting maps for {len(images)} images", keep_images=True):
                 path = Path(images[s.index])
                 if s.error:
                     failures.append({"path": str(path), "error": s.error})
                     continue
-                row = {"path": str(path), "score": s.score}
-                if thr is not None:
-                    row["is_anomalous"] = bool(s.score >= thr.image)
-                    n_anomalous += row["is_anomalous"]
-                if s.amap is not None:
-                    image = read_image(path)
-                    lo, hi = vrange or (float(s.amap.min()), float(s.amap.max()))  # models saved before display_range
-                    full = np.full(s.orig_hw, lo, np.float32)
-                    full[s.region] = s.amap
-                    mask = model.postprocess.binarize(full, thr.pixel) if thr is not None and thr.pixel is not None else None
-                    row["files"] = save_map_outputs(out_dir / output_stem(path, base, used), image, full, (lo, hi), mask, s.score,
-                                                    thr.image if thr else None, thr.pixel if thr else None)
-                    if mask is not None:
-                        n_regions, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
-                        row.update(defect_area_px=int(mask.sum()), n_regions=int(n_regions - 1))
-                lines.write(dumps(row) + "\n")
-                n_ok += 1
+                jobs.append(pool.submit(write, s, path, output_stem(path, base, used)))  # stems in input order
+                while len(jobs) > 2 * WRITERS:  # bounded queue: memory stays flat
+                    finish_oldest()
+            while jobs:
+                finish_oldest()
         partial.replace(out_dir / "predictions.jsonl")
     finally:
         partial.unlink(missing_ok=True)

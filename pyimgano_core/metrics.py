@@ -170,13 +170,18 @@ def binary_stats(labels, predictions) -> dict:
     tp = int(np.count_nonzero(y & p))
     fp = int(np.count_nonzero(p)) - tp
     fn = int(np.count_nonzero(y)) - tp
+    return stats_from_counts(tp, fp, fn, y.size - tp - fp - fn)
+
+
+def stats_from_counts(tp: int, fp: int, fn: int, tn: int) -> dict:
+    """:func:`binary_stats` from confusion counts (e.g. summed over images one at a time)."""
 
     def ratio(num: int, den: int) -> float:
         return num / den if den else 0.0
 
     return dict(precision=ratio(tp, tp + fp), recall=ratio(tp, tp + fn),
                 f1=ratio(2 * tp, 2 * tp + fp + fn), iou=ratio(tp, tp + fp + fn),
-                tp=tp, fp=fp, fn=fn, tn=y.size - tp - fp - fn)
+                tp=tp, fp=fp, fn=fn, tn=tn)
 
 
 def _gather(masks: Sequence, maps: Sequence):
@@ -244,10 +249,16 @@ def pixel_metrics(masks: Sequence, maps: Sequence, fpr_limit: float = 0.3) -> di
     order = np.argsort(defect_scores)[::-1]  # defect pixels only, typically a few %
     g = _positive_groups(scores, defect_scores[order])
     del scores
+    return _pixel_curves(g, regions[order], fpr_limit)
+
+
+def _pixel_curves(g: _Groups, regions_desc: np.ndarray, fpr_limit: float) -> dict:
+    """Pixel AUROC, AP and AUPRO from the defect-pixel groups and the defect pixels' region ids,
+    ordered like the groups (descending score)."""
     # PRO weight of a defect pixel = 1 / (region size * number of regions), so PRO at a
     # threshold is the cumulative weight of the defect pixels scoring >= it.
-    sizes = np.bincount(regions)
-    weights = (1.0 / (sizes * sizes.size))[regions[order]]
+    sizes = np.bincount(regions_desc)
+    weights = (1.0 / (sizes * sizes.size))[regions_desc]
     pro_at = np.concatenate(([0.0], np.cumsum(weights)))
 
     # PRO curve: each group is a segment from its "> value" to its ">= value" point;
