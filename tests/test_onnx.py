@@ -247,6 +247,6 @@ def test_onnx_runtime_never_imports_torch(fitted, tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["blocked"] and out["torch_loaded"] == [] and out["n"] == 1
     assert abs(out["score"] - expected.score) <= 1e-4 * abs(expected.score) and out["anomalous"] == expected.is_anomalous
-    rows = [json.loads(x) for x in (tmp_path / "cli/export/widget/export/predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "cli/t/widget/export/predictions.jsonl").read_text().splitlines()]
     first = next(r for r in rows if r["path"] == str(probe))
     assert abs(first["score"] - expected.score) <= 1e-4 * abs(expected.score) and len(rows) == len(list(probe.parent.glob("*.png")))

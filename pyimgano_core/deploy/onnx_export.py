@@ -152,7 +152,7 @@ def compare(torch_model, onnx_model, images) -> dict:
 def compare_scored(ref, got, thresholds) -> dict:
     """Differences of two streams of :class:`~pyimgano_core.engine.Scored` for the same images."""
     s_abs = s_rel = m_abs = m_rel = 0.0
-    flips = n = flagged = 0
+    flips = ties = n = flagged = 0
     for a, b in zip(ref, got, strict=True):
         n += 1
         if a.error or b.error:
@@ -165,11 +165,18 @@ def compare_scored(ref, got, thresholds) -> dict:
             dm = float(np.max(np.abs(a.amap.astype(np.float64) - b.amap)))
             m_abs, m_rel = max(m_abs, dm), max(m_rel, dm / max(float(np.max(np.abs(a.amap))), 1e-30))
         if thresholds is not None:
-            flips += (a.score >= thresholds.image) != (b.score >= thresholds.image)
+            if (a.score >= thresholds.image) != (b.score >= thresholds.image):
+                # A conformal threshold is one of the calibration scores itself: a score within the
+                # parity tolerance of the threshold may land on either side; that is a tie, not a flip.
+                if abs(a.score - thresholds.image) <= PARITY_RTOL * max(abs(thresholds.image), 1e-30):
+                    ties += 1
+                else:
+                    flips += 1
             flagged += a.score >= thresholds.image
     return {"n_images": n, "max_score_abs_diff": s_abs, "max_score_rel_diff": s_rel,
             "max_map_abs_diff": m_abs, "max_map_rel_diff": m_rel,
             "decision_flips": int(flips) if thresholds is not None else None,
+            "decision_ties_at_threshold": int(ties) if thresholds is not None else None,
             "n_anomalous_torch": int(flagged) if thresholds is not None else None}
 
 

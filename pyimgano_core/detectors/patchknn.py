@@ -25,7 +25,7 @@ from ..features.loading import iter_batches
 from ..features.store import FeatureStore
 from ..optional import require
 from .base import Detector, DetectorParams, Prediction
-from .coreset import CoresetMethod, greedy_coreset  # noqa: F401  (greedy_coreset: re-exported, it lived here)
+from .coreset import CoresetMethod, greedy_coreset  # noqa: F401  (CoresetMethod, greedy_coreset: re-exported)
 from .knn import IndexKind, KNNIndex  # noqa: F401 - KNNIndex re-exported (it lived here)
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,9 @@ def _check_grid(images, start: int, orig_hw: np.ndarray, grid_hw: tuple[int, int
         if h < grid_hw[0] or w < grid_hw[1]:
             item = images[start + j]
             name = item if isinstance(item, (str, os.PathLike)) else f"#{start + j}"
-            raise DataError(f"image {name} is {w}x{h} px, smaller than the model's {grid_hw[1]}x{grid_hw[0]} patch grid")
+            exc = DataError(f"image {name} is {w}x{h} px, smaller than the model's {grid_hw[1]}x{grid_hw[0]} patch grid")
+            exc.image_index = start + j  # lets the engine fail this one image, not the whole chunk
+            raise exc
 
 
 class PatchKNNDetector(Detector):
