@@ -137,7 +137,7 @@ def test_sigterm_during_export_and_save_leaves_no_temp_files(model, tree, tmp_pa
     import signal
 
     import pyimgano_core.model as model_mod
-    import pyimgano_core.engine as engine
+    import pyimgano_core.export as engine  # the writing side (save_map_outputs) lives there
 
     calls = []
 
