@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..features.vit import pool_and_stack
+
 
 def reflect_indices(n: int, pad: int) -> np.ndarray:
     """Indices of a length-``n`` axis padded by ``pad`` on each side with cv2's BORDER_REFLECT."""
@@ -112,15 +114,7 @@ class CNNTapHead(nn.Module):
         self.extractor = embedder.extractor
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        maps = self.extractor(pixels)
-        h, w = maps[0].shape[-2:]
-        out = []
-        for m in maps:
-            m = F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=False)
-            if m.shape[-2:] != (h, w):
-                m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-            out.append(m)
-        return torch.cat(out, 1).permute(0, 2, 3, 1)
+        return pool_and_stack(self.extractor(pixels))
 
 
 class GaussianBlur(nn.Module):

@@ -142,15 +142,21 @@ class CNNTapEmbedder(nn.Module):
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        maps = self.extractor(pixels)
-        h, w = maps[0].shape[-2:]
-        out = []
-        for m in maps:
-            m = F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=False)
-            if m.shape[-2:] != (h, w):
-                m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-            out.append(m)
-        return torch.cat(out, 1).permute(0, 2, 3, 1).contiguous()  # (B, h, w, sum C)
+        return pool_and_stack(self.extractor(pixels)).contiguous()
+
+
+def pool_and_stack(maps: list[torch.Tensor]) -> torch.Tensor:
+    """3x3 average pool each tap, resize to the first tap's grid, concatenate: (B, h, w, sum C).
+
+    Plain tensor ops (no inference_mode), so the ONNX graph traces the same function."""
+    h, w = maps[0].shape[-2:]
+    out = []
+    for m in maps:
+        m = F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=False)
+        if m.shape[-2:] != (h, w):
+            m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+        out.append(m)
+    return torch.cat(out, 1).permute(0, 2, 3, 1)
 
 
 # ---------------------------------------------------------------------------- builders
