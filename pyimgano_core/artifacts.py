@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 BACKBONE_FILE = "backbone.pt"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (model folders, checkpoints)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -50,7 +51,7 @@ def save_backbone(detector, folder: Path) -> dict[str, Any] | None:
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in emb.state_dict().items()}
     path = folder / BACKBONE_FILE
     torch.save(state, path)
-    return {"file": BACKBONE_FILE, "sha256": _sha256(path), "n_tensors": len(state),
+    return {"file": BACKBONE_FILE, "sha256": sha256_file(path), "n_tensors": len(state),
             "n_values": int(sum(t.numel() for t in state.values())),
             "source_weights": detector.params_.weights}
 
@@ -62,7 +63,7 @@ def load_backbone(detector, folder: Path, record: dict[str, Any]) -> None:
     path = folder / record["file"]
     if Path(record["file"]).name != record["file"] or not path.is_file():
         raise ModelError(f"{folder}: backbone tensors {record['file']!r} missing from the model folder")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != record["sha256"]:
         raise ModelError(f"{path}: sha256 {digest[:12]}... does not match model.json ({record['sha256'][:12]}...); "
                          "the model folder is corrupt or was edited")

@@ -21,7 +21,6 @@ anomalib is an optional extra, imported only when a checkpoint is loaded.
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import pickletools
 import time
@@ -32,6 +31,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
+from ..artifacts import sha256_file
 from ..errors import ConfigError, DataError, ModelError
 from ..features.geometry import Geometry
 from ..optional import require
@@ -55,14 +55,6 @@ class AnomalibCheckpointParams(DetectorParams):
 
 def _norm_name(name: str) -> str:
     return name.replace("_", "").replace("-", "").lower()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def peek_pickled_class(path: Path) -> str | None:

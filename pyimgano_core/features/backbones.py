@@ -9,7 +9,6 @@ file, which is read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import difflib
-import hashlib
 from pathlib import Path
 
 import torch
@@ -74,14 +73,6 @@ def build_torchvision_model(name: str, weights: str | None) -> nn.Module:
             f"Cannot obtain {name} weights {w} ({str(exc).splitlines()[0]}). Offline? Put the file "
             f"in $TORCH_HOME/hub/checkpoints/ or give a local path in detector.params.weights."
         ) from None
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class FeatureExtractor(nn.Module):
