@@ -258,17 +258,34 @@ def _pixel_curves(g: _Groups, regions_desc: np.ndarray, fpr_limit: float) -> dic
     # PRO weight of a defect pixel = 1 / (region size * number of regions), so PRO at a
     # threshold is the cumulative weight of the defect pixels scoring >= it.
     sizes = np.bincount(regions_desc)
-    weights = (1.0 / (sizes * sizes.size))[regions_desc]
-    pro_at = np.concatenate(([0.0], np.cumsum(weights)))
+    k = len(g.t0)
+    pro_at = _cumulative_at(1.0 / (sizes * sizes.size), regions_desc, np.concatenate((g.t0, g.t1, [g.n_pos])))
 
     # PRO curve: each group is a segment from its "> value" to its ">= value" point;
     # between groups PRO is flat, which the trapezoids joining them reproduce.
     fpr = np.column_stack((g.c0 - g.t0, g.c1 - g.t1)).ravel() / g.n_neg
-    pro = pro_at[np.column_stack((g.t0, g.t1)).ravel()]
+    pro = np.column_stack((pro_at[:k], pro_at[k : 2 * k])).ravel()
     fpr = np.concatenate(([0.0], fpr, [1.0]))
     pro = np.concatenate(([0.0], pro, [pro_at[-1]]))
     return dict(pixel_auroc=_auroc(g), pixel_ap=_ap(g),
                 aupro=_integrate_to(fpr, pro, fpr_limit) / fpr_limit)
+
+
+def _cumulative_at(weight: np.ndarray, ids: np.ndarray, at: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
+    """``cumsum(weight[ids])`` (with a leading 0) read at positions ``at``, in chunks of ``ids``.
+
+    The same float64 additions in the same order as the whole cumsum, without its two
+    8-byte-per-defect-pixel arrays (the bounded-memory metrics need that at 1 G pixels).
+    """
+    order = np.argsort(at, kind="stable")
+    pos, out = at[order], np.empty(len(at))
+    carry, k = 0.0, 0
+    for s in range(0, len(ids) + 1, chunk):
+        part = np.cumsum(np.concatenate(([carry], weight[ids[s : s + chunk]])))  # part[t - s] = value at t
+        hi = int(np.searchsorted(pos, s + len(part) - 1, side="right"))
+        out[order[k:hi]] = part[pos[k:hi] - s]
+        carry, k = float(part[-1]), hi
+    return out
 
 
 def _integrate_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:

@@ -18,6 +18,7 @@ array of 2 x (distinct defect scores) per group; disk: 4 bytes per pixel.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,8 +43,7 @@ class PixelMetricStream:
         os.unlink(name)  # the open descriptor keeps the data; nothing is left behind on any exit
         self._file = os.fdopen(fd, "w+b")
         self._items: list[tuple[int, tuple[int, int], str]] = []  # (byte offset, shape, group)
-        self._scores: list[np.ndarray] = []  # defect pixels' float32 scores, per image
-        self._regions: list[np.ndarray] = []  # their global region ids (int32), per image
+        self._keys: list[np.ndarray] = []  # per image, per defect pixel: sortable score bits << 32 | region id
         self._pixels: dict[str, int] = {}
         self._n_regions = 0
         self._counts: dict[str, np.ndarray] | None = None
@@ -60,10 +60,12 @@ class PixelMetricStream:
         m = np.ascontiguousarray(m, dtype=np.float32)
         if not np.isfinite(m).all():
             raise MetricInputError("anomaly maps contain NaN or infinite values")
+        m = m + np.float32(0.0)  # -0.0 -> +0.0: equal floats must get equal keys
         regions, n = ndimage.label(mask.astype(bool), structure=_STRUCTURE)
         inside = regions > 0
-        self._scores.append(m[inside])
-        self._regions.append((regions[inside] + (self._n_regions - 1)).astype(np.int32))  # global, 0-based
+        key = _sortable(m[inside]).astype(np.uint64) << np.uint64(32)
+        key |= (regions[inside] + (self._n_regions - 1)).astype(np.uint64)  # global region id, 0-based
+        self._keys.append(key)
         self._n_regions += n
         self._file.seek(0, os.SEEK_END)
         self._items.append((self._file.tell(), m.shape, group))
@@ -85,7 +87,9 @@ class PixelMetricStream:
     def _values(self) -> np.ndarray:
         """Distinct defect-pixel scores, ascending (the only thresholds any curve needs)."""
         if not hasattr(self, "_distinct"):
-            self._distinct = np.unique(np.concatenate(self._scores)) if self._scores else np.zeros(0, np.float32)
+            bits = np.unique(np.concatenate([k >> np.uint64(32) for k in self._keys]).astype(np.uint32)) \
+                if self._keys else np.zeros(0, np.uint32)
+            self._distinct = _unsortable(bits)
         return self._distinct
 
     def _count(self) -> dict[str, np.ndarray]:
@@ -114,27 +118,32 @@ class PixelMetricStream:
         if not self._items:
             raise MetricInputError("no anomaly maps given")
         keep = [i for i, it in enumerate(self._items) if groups is None or it[2] in groups]
-        scores = np.concatenate([self._scores[i] for i in keep]) if keep else np.zeros(0, np.float32)
-        regions = np.concatenate([self._regions[i] for i in keep]) if keep else np.zeros(0, np.int32)
+        key = np.concatenate([self._keys[i] for i in keep]) if keep else np.zeros(0, np.uint64)
         n = sum(n for g, n in self._pixels.items() if groups is None or g in groups)
-        if regions.size == 0:
+        if key.size == 0:
             raise MetricInputError("pixel metrics: masks contain no defect region")
-        if regions.size == n:
+        if key.size == n:
             raise MetricInputError("pixel metrics: masks contain no background pixel")
+        # One in-place sort of 8 bytes per defect pixel orders scores and carries region ids;
+        # descending score = the halves of the ascending keys read backwards (no copies).
+        key.sort()
+        halves = key.view(np.uint32).reshape(-1, 2)
+        lo = 0 if sys.byteorder == "little" else 1
+        bits, regions = halves[::-1, 1 - lo], halves[::-1, lo].view(np.int32)
         if len(keep) < len(self._items):  # number the regions of the kept images 0..R-1
             present = np.zeros(self._n_regions, bool)
             present[regions] = True
             regions = (np.cumsum(present) - 1).astype(np.int32)[regions]
-        order = np.argsort(scores, kind="stable")[::-1]
-        positives, regions = scores[order], regions[order]
-        del scores, order
-        hist = sum(c.astype(np.int64) for g, c in self._count().items() if groups is None or g in groups)
-        at_least = np.cumsum(hist[::-1])[::-1]  # at_least[b] = pixels with code >= b
-        starts = np.flatnonzero(np.append(True, positives[1:] != positives[:-1]))
-        value = positives[starts]
+        starts = np.flatnonzero(np.append(True, bits[1:] != bits[:-1]))
+        value = _unsortable(bits[starts])
+        at_least = np.zeros(2 * len(self._values()) + 1, np.int64)
+        for name, c in self._count().items():
+            if groups is None or name in groups:
+                at_least += c
+        np.cumsum(at_least[::-1], out=at_least[::-1])  # at_least[b] = pixels with code >= b (in place)
         j = np.searchsorted(self._values(), value)  # position of each group's value among all values
-        g = _Groups(value=value, t0=starts, t1=np.append(starts[1:], positives.size),
-                    c0=at_least[2 * j + 2], c1=at_least[2 * j + 1], n_pos=positives.size, n_neg=n - positives.size)
+        g = _Groups(value=value, t0=starts, t1=np.append(starts[1:], key.size),
+                    c0=at_least[2 * j + 2], c1=at_least[2 * j + 1], n_pos=key.size, n_neg=n - key.size)
         return g, regions
 
     def metrics(self, fpr_limit: float = 0.3, groups: set[str] | None = None) -> dict:
@@ -161,3 +170,15 @@ class PixelMetricStream:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _sortable(x: np.ndarray) -> np.ndarray:
+    """uint32 codes of float32 ``x`` (no NaN, no -0.0) whose unsigned order is the float order."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return np.where(b >> np.uint32(31), ~b, b | np.uint32(0x80000000))
+
+
+def _unsortable(code: np.ndarray) -> np.ndarray:
+    """float32 values of :func:`_sortable` codes."""
+    code = np.asarray(code, dtype=np.uint32)
+    return np.where(code >> np.uint32(31), code & np.uint32(0x7FFFFFFF), ~code).view(np.float32)

@@ -68,6 +68,34 @@ def test_stream_equals_single_sort_random_with_ties(seed, decimals):
     _check(*_random_case(seed, decimals), fpr_limit=0.3 if seed else 1.0)
 
 
+def test_stream_equals_single_sort_with_negative_scores_and_signed_zeros():
+    masks, maps, groups = _random_case(3, 1)
+    maps = [np.where(m > 0.5, m - 1.0, m) for m in maps]  # negatives, ties across the sign
+    maps[0][0, :4] = [-0.0, 0.0, -0.0, 0.0]  # equal floats, different bits
+    masks[0][0, :2] = True
+    _check(masks, maps, groups)
+
+
+def test_sortable_codes_keep_the_float_order():
+    from pyimgano_core.metrics_stream import _sortable, _unsortable
+
+    x = np.array([-np.inf, -3.5, -1e-30, 0.0, 1e-38, 2.0, np.float32(3.4e38), np.inf], np.float32)
+    code = _sortable(x)
+    assert (np.diff(code.astype(np.int64)) > 0).all()
+    np.testing.assert_array_equal(_unsortable(code), x)
+
+
+def test_chunked_cumulative_sum_is_the_whole_cumsum_bit_for_bit():
+    from pyimgano_core.metrics import _cumulative_at
+
+    rng = np.random.default_rng(4)
+    weight, ids = rng.random(7), rng.integers(0, 7, 50)
+    full = np.concatenate(([0.0], np.cumsum(weight[ids])))
+    at = np.array([50, 0, 3, 25, 24, 26, 49, 1, 3])
+    for chunk in (1, 3, 25, 50, 64):
+        np.testing.assert_array_equal(_cumulative_at(weight, ids, at, chunk=chunk), full[at])
+
+
 def test_stream_equals_single_sort_bottle_like():
     _check(*_bottle_like())
 
