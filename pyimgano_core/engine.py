@@ -352,6 +352,7 @@ def _evaluate(cfg, split, model, out_dir, progress, fit_timing, pixels: PixelMet
             "mask_threshold": f"mask value > {split.mask_threshold}",
             "thresholds_from": "held-out normal training images" if model.thresholds else None,
             "few_shot": describe_shots(cfg.dataset.shots, cfg.seed, cfg.dataset.shots_protocol),
+            **(model.detector.protocol() if hasattr(model.detector, "protocol") else {}),  # features, image score
         },
         "notes": split.notes,
         "warnings": _warnings(split, model, metrics, cfg),

@@ -95,6 +95,10 @@ class Model:
             det.load_state(arrays, doc["state"])
             if doc.get("backbone") and "embedder" not in detector_kwargs:
                 load_backbone(det, folder, doc["backbone"])
+                dim = getattr(det.embedder, "target_dim", None)
+                if dim is not None and getattr(det, "memory_", None) is not None and det.memory_.shape[1] != dim:
+                    raise ModelError(f"arrays.npz: memory_ has {det.memory_.shape[1]} features per patch but the "
+                                     f"backbone gives {dim}")
             post = AnomalyMapPostprocess.from_state(doc["postprocess"])
             thr = Thresholds(**doc["thresholds"]) if doc.get("thresholds") else None
         except PyimganoError:
@@ -126,5 +130,7 @@ def validate_arrays(doc: dict, arrays: dict[str, np.ndarray]) -> None:
         if memory.ndim != 2 or memory.shape[0] < 1 or memory.shape[1] < 1:
             raise ModelError(f"arrays.npz: memory_ has shape {memory.shape}, expected (n_patches >= 1, feature_dim)")
         dim = doc.get("params", {}).get("target_embed_dim")  # an injected embedder may have its own size
+        if doc.get("params", {}).get("feature_aggregation", "reference") != "reference":
+            dim = None  # concat: the taps' native channels, checked against the loaded embedder in Model.load
         if doc.get("backbone") and dim is not None and memory.shape[1] != dim:  # embedder built from params
             raise ModelError(f"arrays.npz: memory_ has {memory.shape[1]} features per patch but target_embed_dim is {dim}")

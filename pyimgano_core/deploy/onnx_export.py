@@ -53,6 +53,11 @@ def check_exportable(model, folder: Path) -> None:
     p = det.params_
     if isinstance(det, PatchCore) and p.reweight_neighbors is not None:
         raise _refuse(folder, "patchcore reweight_neighbors (paper eq. 7) is not in the graph; use reweight_neighbors: null")
+    if getattr(p, "feature_aggregation", "reference") != "reference":
+        raise _refuse(folder, f"feature_aggregation {p.feature_aggregation!r} is not in the graph; use feature_aggregation: reference")
+    if p.aggregation == "blurred_max" or getattr(p, "topk", None) is not None:
+        what = "aggregation blurred_max" if p.aggregation == "blurred_max" else "topk"
+        raise _refuse(folder, f"{what} is not in the graph; use aggregation max, mean or topk_mean with topk_ratio")
     if isinstance(det, FoundationPatchKNN) and p.masking:
         raise _refuse(folder, "anomalydino masking (per-image PCA of patch tokens) is not in the graph; use masking: false")
     if getattr(p, "knn_index", "exact") != "exact":

@@ -32,7 +32,7 @@ from ..features.geometry import Geometry
 from ..features.vit import build_embedder, parse_backbone
 from .base import register_detector
 from ..features.store import FeatureStore
-from .patchknn import PatchKNNDetector, PatchKNNParams, upsample
+from .patchknn import Aggregation, PatchKNNDetector, PatchKNNParams, upsample
 
 ROTATION_ANGLES = (0, 45, 90, 135, 180, 225, 270, 315)  # the reference code's augmentation
 
@@ -57,7 +57,7 @@ class FoundationPatchParams(PatchKNNParams):
     image_size: int | tuple[int, int] = 448
     resize_mode: Literal["squash", "shorter_side"] = "shorter_side"
     patch_multiple: int | None = Field(None, ge=1, description="crop the input to a multiple of this (None: the embedder's patch size)")
-    aggregation: Literal["max", "mean", "topk_mean"] = "topk_mean"
+    aggregation: Aggregation = "topk_mean"
     masking: bool | Literal["reference"] = Field(
         False, description="zero-shot foreground masking of test patches (PCA of patch tokens); "
         "reference: on or off per category as the reference code (MVTec: capsule, hazelnut, pill, screw, toothbrush; VisA: all)")

@@ -19,10 +19,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from ..features.backbones import FeatureExtractor
-from ..features.patch_embed import LocalPatchEmbedder
+from ..features.patch_embed import ConcatPatchEmbedder, LocalPatchEmbedder
 from .base import register_detector
 from .patchknn import PatchKNNDetector, PatchKNNParams
 
@@ -52,8 +52,14 @@ class CNNPatchParams(PatchKNNParams):
     patch_size: int = Field(
         3, ge=1, description="local neighbourhood aggregated around each position (even sizes as the reference: "
         "padding (k-1)//2, so the grid shrinks by one)")
-    pretrain_embed_dim: int = Field(1024, ge=1, description="per-layer dimension after adaptive average pooling")
-    target_embed_dim: int = Field(1024, ge=1, description="final patch feature dimension")
+    feature_aggregation: Literal["reference", "concat"] = Field(
+        "reference", description="how the tapped layers become one patch feature: reference = the PatchCore code's "
+        "per-layer unfold + adaptive pooling to pretrain_embed_dim, then to target_embed_dim (each layer an equal share); "
+        "concat = anomalib's 3x3 mean of each tap, native channels concatenated (optional layer_weights)")
+    pretrain_embed_dim: int = Field(1024, ge=1, description="reference: per-layer dimension after adaptive average pooling")
+    target_embed_dim: int = Field(1024, ge=1, description="reference: final patch feature dimension")
+    layer_weights: list[float] | None = Field(
+        None, description="concat: one positive factor per tapped layer, multiplying its channels (None: all 1)")
     coreset_ratio: float = Field(0.1, gt=0, le=1, description="share of training patches kept in memory (1 = all)")
     coreset_projection_dim: int = Field(128, ge=1, description="random projection used by the coreset search")
     coreset_method: Literal["greedy", "chunked"] = Field(
@@ -61,15 +67,59 @@ class CNNPatchParams(PatchKNNParams):
         "coreset_chunk_points patches (training images in order), union of the chunks (approximate, linear cost)")
     coreset_chunk_points: int = Field(200_000, ge=1000, description="patches per chunk of the chunked coreset")
 
+    @field_validator("layer_weights")
+    @classmethod
+    def _one_weight_per_layer(cls, v, info):
+        if v is None:
+            return v
+        layers = info.data.get("layers")
+        if layers is not None and len(v) != len(layers):
+            raise ValueError(f"{len(v)} weights for {len(layers)} layers {layers}: give one weight per tapped layer")
+        if any(not w > 0 for w in v):
+            raise ValueError(f"weights must be positive (a zero weight drops its layer: remove it from layers); got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _aggregation_options_apply(self):
+        # No dead options: each feature_aggregation has its own knobs.
+        fields = type(self).model_fields
+        if self.feature_aggregation == "concat":
+            for name in ("pretrain_embed_dim", "target_embed_dim"):
+                if getattr(self, name) != fields[name].default:
+                    raise ValueError(f"{name} only applies to feature_aggregation: reference (concat keeps the native channels)")
+        elif self.layer_weights is not None:
+            raise ValueError("layer_weights only applies to feature_aggregation: concat")
+        return self
+
+    def describe_features(self) -> str:
+        """One line for the report's protocol."""
+        taps = f"{self.backbone} taps {', '.join(self.layers)}"
+        if self.feature_aggregation == "reference":
+            return (f"reference (PatchCore code's _embed): {taps}, {self.patch_size}x{self.patch_size} unfold, "
+                    f"adaptive avg pool to {self.pretrain_embed_dim} per layer, then to {self.target_embed_dim}")
+        w = "" if self.layer_weights is None else f", layer weights {self.layer_weights}"
+        return (f"concat (anomalib's PatchCore): {taps}, {self.patch_size}x{self.patch_size} mean "
+                f"(zero padding counted), native channels concatenated{w}")
+
 
 class PatchCoreParams(CNNPatchParams):
     reweight_neighbors: int | None = Field(
         None, ge=1, description="paper eq. 7 image-score reweighting with b neighbours (None or 1: plain max, as the reference code)"
     )
 
+    @model_validator(mode="after")
+    def _reweight_needs_max(self):
+        # eq. 7 reweights s* = the max patch score; with another aggregation it would silently replace it
+        if self.reweight_neighbors not in (None, 1) and self.aggregation != "max":
+            raise ValueError(f"reweight_neighbors (paper eq. 7) reweights the max patch score: it needs aggregation: max "
+                             f"(aggregation is {self.aggregation})")
+        return self
 
-def make_cnn_embedder(p: CNNPatchParams) -> LocalPatchEmbedder:
+
+def make_cnn_embedder(p: CNNPatchParams) -> LocalPatchEmbedder | ConcatPatchEmbedder:
     extractor = FeatureExtractor(p.backbone, p.layers, p.weights)
+    if p.feature_aggregation == "concat":
+        return ConcatPatchEmbedder(extractor, p.patch_size, p.layer_weights).to(p.device)
     return LocalPatchEmbedder(extractor, p.patch_size, p.pretrain_embed_dim, p.target_embed_dim).to(p.device)
 
 
@@ -93,12 +143,23 @@ class PatchCore(PatchKNNDetector):
         else:
             self.memory_ = np.ascontiguousarray(features[:], dtype=np.float32)
 
-    def _image_scores(self, patch: np.ndarray, dists, idx, feats) -> np.ndarray:
+    def protocol(self) -> dict[str, str]:
+        out = super().protocol()
+        b = self.params_.reweight_neighbors
+        if b not in (None, 1):
+            out["image_score"] = f"paper eq. 7: max patch score reweighted by its nearest memory entry's {b} neighbours"
+        return out
+
+    def _image_scores(self, patch: np.ndarray, dists, idx, feats, maps) -> np.ndarray:
         b = self.params_.reweight_neighbors
         if b is None or b == 1:
             # b=1: N_b(m*) = {m*} and eq. 7's weight would be 1 - softmax([d]) = 0 for every image;
             # anomalib likewise returns the plain max for one neighbour.
-            return super()._image_scores(patch, dists, idx, feats)
+            return super()._image_scores(patch, dists, idx, feats, maps)
+        return self.reweighted_scores(patch, idx, feats, b)
+
+    def reweighted_scores(self, patch: np.ndarray, idx: np.ndarray, feats: np.ndarray, b: int) -> np.ndarray:
+        """Paper eq. 7 image scores [B] with ``b`` neighbours (fitted model; ``idx`` from the 1-NN search)."""
         # Paper eq. 7: s = (1 - exp(s*) / sum_{m in N_b(m*)} exp(|m_test* - m|)) * s*, where m* is
         # the nearest memory entry of the most anomalous test patch and N_b(m*) its b nearest
         # memory entries (m* included, as anomalib does). Softmax keeps the exponentials stable.

@@ -26,12 +26,11 @@ from ..features.store import FeatureStore
 from ..optional import require
 from .base import Detector, DetectorParams, Prediction
 from .coreset import CoresetMethod, greedy_coreset  # noqa: F401  (CoresetMethod, greedy_coreset: re-exported)
+from .image_score import Aggregation, aggregate, describe_rule  # noqa: F401  (Aggregation, aggregate: re-exported)
 from .knn import IndexKind, KNNIndex  # noqa: F401 - KNNIndex re-exported (it lived here)
 
 log = logging.getLogger(__name__)
 FitProgress = Callable[[str, int, "int | None"], None]  # (stage, done, total)
-
-Aggregation = Literal["max", "mean", "topk_mean"]
 
 
 class PatchEmbedder(Protocol):
@@ -41,23 +40,6 @@ class PatchEmbedder(Protocol):
 
 
 # ---------------------------------------------------------------------------- pure helpers
-def aggregate(patch_scores: np.ndarray, how: Aggregation = "max", topk_ratio: float = 0.01) -> np.ndarray:
-    """Image scores [B] from patch scores [B, ...]: max, mean, or mean of the top ``topk_ratio``.
-
-    ``topk_mean`` uses ``max(1, int(n_patches * topk_ratio))`` patches (AnomalyDINO: top 1%,
-    truncated as its reference ``mean_top1p``, which falls back to the max below 100 patches).
-    """
-    flat = np.asarray(patch_scores, dtype=np.float32).reshape(len(patch_scores), -1)
-    if how == "max":
-        return flat.max(axis=1)
-    if how == "mean":
-        return flat.mean(axis=1)
-    if how == "topk_mean":
-        k = max(1, int(flat.shape[1] * topk_ratio))
-        return -np.sort(-flat, axis=1)[:, :k].mean(axis=1)
-    raise ValueError(f"aggregation must be one of max, mean, topk_mean; got {how!r}")
-
-
 def to_grid(flat: np.ndarray, batch: int, grid_hw: tuple[int, int]) -> np.ndarray:
     """Reshape per-patch values [B*h*w] (row-major per image) to [B, h, w], checking the size."""
     flat = np.asarray(flat)
@@ -104,8 +86,12 @@ class PatchKNNParams(DetectorParams):
     image_size: int | tuple[int, int] = Field(256, description="resize target (squash: exact h,w; shorter_side: short edge)")
     crop: int | tuple[int, int] | None = Field(None, description="centre crop after resize (None = whole image)")
     resize_mode: Literal["squash", "shorter_side"] = "squash"
-    aggregation: Aggregation = Field("max", description="image score from patch scores")
+    aggregation: Aggregation = Field(
+        "max", description="image score: max | mean | topk_mean of the patch scores, or blurred_max = max of the "
+        "anomaly map (upsampled and blurred)")
     topk_ratio: float = Field(0.01, gt=0, le=1, description="share of patches averaged by topk_mean")
+    topk: int | None = Field(None, ge=1, description="topk_mean: average this many patches instead of topk_ratio's share "
+                             "(at most the patches of an image)")
     blur_sigma: float = Field(4.0, ge=0, description="Gaussian sigma (model-input pixels) applied to maps")
     knn_backend: Literal["torch", "faiss"] = Field("torch", description="engine of the exact search (knn_index: exact)")
     knn_index: IndexKind = Field("exact", description="nearest-neighbour search: exact, or approximate faiss hnsw / ivf "
@@ -129,6 +115,14 @@ class PatchKNNParams(DetectorParams):
         if nlist is not None and v > nlist:
             raise ValueError(f"ivf_nprobe={v} visits more lists than ivf_nlist={nlist}")
         return v
+
+    @model_validator(mode="after")
+    def _topk_applies(self):
+        if self.topk is not None and self.aggregation != "topk_mean":
+            raise ValueError(f"topk only applies to aggregation: topk_mean (aggregation is {self.aggregation})")
+        if self.topk is not None and self.topk_ratio != type(self).model_fields["topk_ratio"].default:
+            raise ValueError("topk and topk_ratio both set: give one of them")
+        return self
 
     @model_validator(mode="after")
     def _index_options_apply(self):
@@ -236,6 +230,7 @@ class PatchKNNDetector(Detector):
         for feats, batch in self._embed(images, self.timing_):
             if seen == 0:
                 grid_hw = feats.shape[1:3]
+                self._check_topk(grid_hw)
             elif grid_hw is not None and feats.shape[1:3] != grid_hw:
                 if transform is None:
                     raise ValueError("training images give patch grids of different sizes; use a fixed image_size (squash)")
@@ -315,6 +310,12 @@ class PatchKNNDetector(Detector):
             self.timing_["index_s"] = time.perf_counter() - t0
         return self
 
+    def _check_topk(self, grid_hw: tuple[int, int]) -> None:
+        """Fail on the first batch (before the long work) when ``topk`` exceeds an image's patches."""
+        k, n = self.params_.topk, int(grid_hw[0]) * int(grid_hw[1])
+        if k is not None and k > n:
+            raise ConfigError(f"detector.params.topk={k} is more than the {n} patches ({grid_hw[0]}x{grid_hw[1]}) of an image")
+
     def _check_index_fits(self, n_patches: int) -> None:
         """Fail before the memory bank is built when it cannot hold ``ivf_nlist`` lists (<= n_patches entries)."""
         p = self.params_
@@ -344,8 +345,9 @@ class PatchKNNDetector(Detector):
             dists = self._scale_distances(dists)
             patch = to_grid(self._score_patches(dists, idx), B, (h, w))
             t1 = time.perf_counter()
-            scores.append(self._image_scores(patch, dists, idx, feats))
-            maps.extend(self._maps(patch, batch))
+            batch_maps = self._maps(patch, batch)
+            scores.append(self._image_scores(patch, dists, idx, feats, batch_maps))
+            maps.extend(batch_maps)
             boxes.append(batch.boxes)
             hws.append(batch.orig_hw)
             timing["search_s"] += t1 - t0
@@ -373,8 +375,22 @@ class PatchKNNDetector(Detector):
         """Anomaly maps of a batch: patch grids upsampled to the model input and blurred there."""
         return list(upsample(patch, tuple(batch.pixels.shape[-2:]), self.params_.blur_sigma))
 
-    def _image_scores(self, patch: np.ndarray, dists, idx, feats) -> np.ndarray:
-        return aggregate(patch, self.params_.aggregation, self.params_.topk_ratio)
+    def _image_scores(self, patch: np.ndarray, dists, idx, feats, maps) -> np.ndarray:
+        p = self.params_
+        return aggregate(patch, p.aggregation, p.topk_ratio, p.topk, maps)
+
+    # -- protocol --------------------------------------------------------------------------
+    def protocol(self) -> dict[str, str]:
+        """The scoring choices in words, for the report's protocol (the params are saved with the model)."""
+        p = self.params_
+        return {"image_score": describe_rule(p.aggregation, p.topk_ratio, p.topk, p.blur_sigma),
+                "patch_features": self._describe_features()}
+
+    def _describe_features(self) -> str:
+        describe = getattr(self.params_, "describe_features", None)  # the CNN detectors' feature_aggregation
+        if self.embedder is not None and not hasattr(self.embedder, "extractor"):
+            return f"injected embedder {type(self.embedder).__name__}"
+        return describe() if describe else f"{getattr(self.params_, 'backbone', '?')} patch tokens"
 
     # -- persistence ---------------------------------------------------------------------
     def state(self):

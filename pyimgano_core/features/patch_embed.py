@@ -1,14 +1,26 @@
-"""PatchCore's locally aware patch features (Roth et al. 2022, Sec. 3.1), as an embedder.
+"""PatchCore's locally aware patch features (Roth et al. 2022, Sec. 3.1), as embedders.
 
-Follows the reference implementation (amazon-science/patchcore-inspection, ``_embed``):
-each tapped layer is unfolded into k x k neighbourhoods (zero padding ``(k-1)//2``, stride 1),
-deeper layers are bilinearly upsampled to the patch grid of the first tap, each layer's
-(C*k*k) vector is adaptive-average-pooled to ``pretrain_dim``, and the layers' vectors are
-concatenated and pooled to ``target_dim``. For odd k the grid is the feature map's; for even k
-it is one smaller per side (the reference's ``PatchMaker`` pads ``(k-1)//2`` on both sides), and
-position (i, j) aggregates rows i-(k-1)//2 .. i+k//2 of the map.
+Two named ways to aggregate the tapped layers into one patch feature (``feature_aggregation``):
+
+``reference`` (:class:`LocalPatchEmbedder`) follows the reference implementation
+(amazon-science/patchcore-inspection, ``_embed``): each tapped layer is unfolded into k x k
+neighbourhoods (zero padding ``(k-1)//2``, stride 1), deeper layers are bilinearly upsampled to
+the patch grid of the first tap, each layer's (C*k*k) vector is adaptive-average-pooled to
+``pretrain_dim``, and the layers' vectors are concatenated and pooled to ``target_dim``. Every
+layer gets the same share of the feature whatever its channel count. For odd k the grid is the
+feature map's; for even k it is one smaller per side (the reference's ``PatchMaker`` pads
+``(k-1)//2`` on both sides), and position (i, j) aggregates rows i-(k-1)//2 .. i+k//2 of the map.
+
+``concat`` (:class:`ConcatPatchEmbedder`) is anomalib's PatchCore (``PatchcoreModel``:
+``AvgPool2d(3, 1, 1)`` on each tap, deeper taps bilinearly resized to the first tap's grid,
+channels concatenated): native channel counts, so a layer's share of a squared distance grows
+with its channels (MobileNetV2 features.6 + features.13: 32 + 96 = 128-d, the deeper tap ~3/4).
+Optional ``layer_weights`` scale each tap's block before concatenation (its squared-distance
+share by w**2).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,3 +60,39 @@ class LocalPatchEmbedder(nn.Module):
         x = torch.cat(per_layer, dim=2)  # (N, 1, n_layers * pretrain_dim), layer-major as the reference
         x = F.adaptive_avg_pool1d(x, self.target_dim)
         return x.view(B, h, w, self.target_dim)
+
+
+def concat_taps(maps: Sequence[torch.Tensor], patch_size: int = 3, weights: Sequence[float] | None = None) -> torch.Tensor:
+    """k x k mean of each tap (zero padding counted, as ``nn.AvgPool2d(k, 1, k // 2)``), deeper taps
+    resized bilinearly to the first tap's grid, times its weight, channels concatenated:
+    [(B, C_l, h_l, w_l)] -> (B, h, w, sum C_l). Plain tensor ops (traceable)."""
+    h, w = maps[0].shape[-2:]
+    out = []
+    for i, m in enumerate(maps):
+        # odd k keeps the grid (anomalib: k=3, padding 1); count_include_pad=True is AvgPool2d's default
+        m = F.avg_pool2d(m, patch_size, stride=1, padding=patch_size // 2, count_include_pad=True)
+        if m.shape[-2:] != (h, w):
+            m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+        out.append(m if weights is None else m * float(weights[i]))
+    return torch.cat(out, 1).permute(0, 2, 3, 1)
+
+
+class ConcatPatchEmbedder(nn.Module):
+    """float [B, 3, H, W] in [0, 1] -> [B, h, w, sum of the taps' channels] (anomalib's PatchCore features)."""
+
+    def __init__(self, extractor: FeatureExtractor, patch_size: int = 3, layer_weights: Sequence[float] | None = None):
+        super().__init__()
+        if patch_size % 2 == 0:
+            raise ConfigError(f"detector.params.patch_size={patch_size}: feature_aggregation concat needs an odd patch_size "
+                              "(a k x k mean centred on each position)")
+        if layer_weights is not None and len(layer_weights) != len(extractor.channels):
+            raise ConfigError(f"detector.params.layer_weights has {len(layer_weights)} entries for "
+                              f"{len(extractor.channels)} tapped layers")
+        self.extractor = extractor
+        self.patch_size = patch_size
+        self.layer_weights = None if layer_weights is None else [float(v) for v in layer_weights]
+        self.target_dim = sum(extractor.channels)
+
+    @torch.inference_mode()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return concat_taps(self.extractor(pixels), self.patch_size, self.layer_weights).contiguous()
