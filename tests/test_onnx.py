@@ -155,6 +155,55 @@ def test_parity_failure_writes_nothing(tmp_path, monkeypatch):
     assert not (folder / "model.onnx").exists() and "onnx" not in json.loads((folder / "model.json").read_text())
 
 
+def test_planted_ties_share_the_weight_in_both_runtimes(tmp_path):
+    """Pairs of memory entries f + e, f - e, equidistant (up to float rounding) from the hottest
+    patches f of the calibration images, with weights 1.0 and 1.6: which one is "nearest" is then
+    decided by each runtime's rounding, and the reference rule (the nearest entry's weight) would
+    jump by 60% between them. The shared rule (softpatch.matched_weight, traced into the graph)
+    gives both runtimes the tie's mean weight."""
+    from pyimgano_core.data.io import read_image
+    from pyimgano_core.deploy.onnx_runtime import load_onnx_model
+    from pyimgano_core.detectors.softpatch import matched_weight
+
+    paths = _images(tmp_path / "img", 7)
+    for k, p in enumerate(paths[4:]):  # calibration images with a defect: distances well above float rounding
+        im = read_image(p)
+        im[8 + 10 * k : 24 + 10 * k, 10:26] = np.roll([250, 20, 20], k)
+        write_image(p, im)
+    det = create_detector("softpatch", **dict(CNN, distance="squared")).fit(paths[:4])
+    rng = np.random.default_rng(3)
+    planted, mem = [], []
+    for feats, _ in det._embed(paths[4:], {}):
+        for f in feats.reshape(len(feats), -1, feats.shape[-1]):
+            d, _ = det._knn().search(f, k=1)
+            for j in np.argsort(-d[:, 0])[:1]:  # the hottest patch: the image score
+                e = rng.standard_normal(f.shape[1]).astype(np.float32)
+                e *= 0.5 * d[j, 0] / np.linalg.norm(e)
+                mem += [f[j] + e, f[j] - e]
+                planted.append(f[j])
+    n0 = len(det.memory_)
+    det.memory_ = np.concatenate([det.memory_, np.stack(mem)]).astype(np.float32)
+    det.memory_weights_ = np.concatenate([det.memory_weights_, np.tile(np.float32([1.0, 1.6]), len(planted))])
+    det._index = None
+    d, idx = det._knn().search(np.stack(planted), k=4)
+    assert (idx[:, :2] >= n0).all() and (d[:, 1] ** 2 - d[:, 0] ** 2 <= 1e-3 * d[:, 0] ** 2).all()  # tied to float rounding
+    w = matched_weight(torch.from_numpy(d**2), torch.from_numpy(idx), torch.from_numpy(det.memory_weights_)).numpy()
+    np.testing.assert_allclose(w, 1.3, rtol=5e-3)  # the mean of the two weights
+    model = Model(det, meta={"holdout": [str(p) for p in paths[4:]]})
+    pred = det.predict(paths[4:])
+    model.thresholds = fit_thresholds(pred.scores, list(pred.maps), 0.9, 0.99)
+    folder = model.save(tmp_path / "model")
+    par = export_onnx(folder)["parity"]  # refuses to write beyond 1e-4 (scores: the planted patches are the hottest)
+    assert par["images"] == "calibration images" and max(par["max_score_rel_diff"], par["max_map_rel_diff"]) <= 1e-4
+    session = load_onnx_model(folder).detector.session
+    x = np.stack([det.geometry.apply(read_image(p)) for p in paths[4:]])
+    onnx_patch = session.run(["patch_scores"], {"image": x})[0]
+    feats = np.concatenate([f for f, _ in det._embed(paths[4:], {})])
+    dd, ii = det._knn().search(feats.reshape(-1, feats.shape[-1]), k=det._k())
+    torch_patch = det._score_patches(det._scale_distances(dd), ii).reshape(onnx_patch.shape)
+    assert np.max(np.abs(onnx_patch - torch_patch)) <= 1e-4 * torch_patch.max()
+
+
 def test_refusals_are_one_line(tmp_path):
     folder = _saved(tmp_path, "patchcore", dict(CNN, reweight_neighbors=3), calibrated=False)
     res = runner.invoke(app, ["export-onnx", str(folder)])
@@ -163,7 +212,7 @@ def test_refusals_are_one_line(tmp_path):
     doc["detector"] = "anomalib_checkpoint"
     (folder / "model.json").write_text(json.dumps(doc))
     res = runner.invoke(app, ["export-onnx", str(folder)])
-    assert res.exit_code == 4 and "'anomalib_checkpoint' is not supported" in res.output
+    assert res.exit_code == 4 and "'anomalib_checkpoint' is not supported" in res.output and len(res.output.strip().splitlines()) == 1
     res = runner.invoke(app, ["export-onnx", str(folder), "--opset", "9"])
     assert res.exit_code == 4 and len(res.output.strip().splitlines()) == 1
     if "knn_index" in _CNN_FIELDS and "patchcore_faiss_exact" in SETTINGS:
@@ -173,6 +222,28 @@ def test_refusals_are_one_line(tmp_path):
     dino = _saved(tmp_path / "d", "anomalydino", dict(SETTINGS["anomalydino_cnn"][1], masking=True, mask_threshold=1.0), calibrated=False)
     res = runner.invoke(app, ["export-onnx", str(dino)])
     assert res.exit_code == 4 and "masking" in res.output
+
+
+def test_whitelist_refuses_options_it_does_not_know():
+    """Every parameter value must be listed as reproduced by the graph; an option added later is
+    exported only at its default, so new options are refused until the graph supports them."""
+    from pyimgano_core.deploy.support import unsupported
+    from pyimgano_core.detectors.anomalydino import AnomalyDINO
+    from pyimgano_core.detectors.patchcore import PatchCoreParams
+    from pyimgano_core.detectors.softpatch import SoftPatchParams
+
+    class Future(SoftPatchParams):  # e.g. a tiling or image-score option of a later session
+        tiling: int | None = None
+
+    assert unsupported("softpatch", Future(**CNN)) is None
+    assert "detector.params.tiling=2 is an option the ONNX graph does not implement" in unsupported("softpatch", Future(**CNN, tiling=2))
+    assert unsupported("patchcore", PatchCoreParams(**CNN, reweight_neighbors=1)) is None  # b=1 is the plain max
+    assert "reweight_neighbors 2" in unsupported("patchcore", PatchCoreParams(**CNN, reweight_neighbors=2))
+    assert "aggregation median is not in the graph" in unsupported("patchcore", PatchCoreParams.model_construct(**dict(CNN, aggregation="median")))
+    dino = dict(SETTINGS["anomalydino_cnn"][1], masking="reference", mask_threshold=1.0)
+    assert unsupported("anomalydino", AnomalyDINO.Params(**dino, category="bottle")) is None  # the reference does not mask bottle
+    assert "masking 'reference'" in unsupported("anomalydino", AnomalyDINO.Params(**dino, category="screw"))
+    assert "'msflow' is not supported" in unsupported("msflow", None)
 
 
 # ------------------------------------------------------------------ CLI and the torch-free path

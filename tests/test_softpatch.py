@@ -18,9 +18,11 @@ from pyimgano_core.config import validate_config
 from pyimgano_core.detectors import create_detector
 from pyimgano_core.detectors.patchcore import PatchCore
 from pyimgano_core.detectors.softpatch import (
+    TIE_RTOL,
     SoftPatch,
     gaussian_scores,
     lof_scores,
+    matched_weight,
     nearest_scores,
     soft_weights,
 )
@@ -176,15 +178,53 @@ def test_test_patch_distance_is_multiplied_by_matched_weight(train_images, dista
     # the shared kNN search expands |q - m|^2 in float32: distances carry ~1e-4 absolute noise
     np.testing.assert_allclose(pred.scores, patch.max(1), rtol=1e-3, atol=1e-3)
     assert pred.scores[4] > 10 * pred.scores[:4].max()  # a planted patch matched itself: its weight is huge
-    # exactly: score = max over patches of (search distance * weight of the matched entry)
-    dists, idx = det._knn().search(q.astype(np.float32), k=1)
-    exact = (scale(dists[:, 0]) * det.memory_weights_[idx[:, 0]]).reshape(len(tests), -1)
+    # exactly: score = max over patches of (search distance * weight of the matched entry, shared at near-ties)
+    dists, idx = det._knn().search(q.astype(np.float32), k=4)
+    w = matched_weight(torch.from_numpy(np.square(dists)), torch.from_numpy(idx), torch.from_numpy(det.memory_weights_)).numpy()
+    exact = (scale(dists[:, 0]) * w).reshape(len(tests), -1)
     np.testing.assert_array_equal(pred.scores, exact.max(1).astype(np.float32))
     # maps are the same weighted patch grid, upsampled: the hottest pixel lies in the hottest patch
     hot = np.unravel_index(pred.maps[4].argmax(), pred.maps[4].shape)
     assert (hot[0] // BLOCK) * 4 + hot[1] // BLOCK == exact[4].argmax()
     unweighted = softpatch(threshold=1 / 480, soft_weight=False, distance=distance).fit(train_images).predict(tests)
     np.testing.assert_array_equal(unweighted.scores, scale(dists[:, 0]).reshape(len(tests), -1).max(1))
+
+
+def test_matched_weight_is_the_nearest_entrys_unless_tied():
+    w = torch.tensor([1.0, 1.5, 2.0, 3.0])
+    idx = torch.tensor([[0, 1, 2, 3]] * 4)
+    d2 = torch.tensor([[4.0, 4.0 * (1 + 2 * TIE_RTOL), 9.0, 9.0],  # runner-up outside the window: the reference's weight
+                       [4.0, 4.0, 9.0, 9.0],  # exact tie: the mean of the tied entries' weights
+                       [4.0, 4.0 * (1 + TIE_RTOL / 2), 9.0, 9.0],  # half-way: the runner-up counts half
+                       [4.0, 4.0, 4.0, 4.0]])
+    got = matched_weight(d2, idx, w).numpy()
+    np.testing.assert_allclose(got, [1.0, 1.25, (1.0 + 0.5 * 1.5) / 1.5, 1.875], rtol=1e-6)
+    assert got[0] == 1.0  # bitwise: the other entries' shares are exactly 0
+    # which of two tied entries a search lists first does not matter
+    assert matched_weight(d2[1:2], idx[1:2].flip(1)[:, [2, 3, 0, 1]], w).item() == pytest.approx(1.25, rel=1e-7)
+    assert matched_weight(torch.zeros(1, 2), torch.tensor([[2, 3]]), w).item() == 2.5  # exact matches tie too
+
+
+def test_matched_weight_does_not_flip_with_rounding_noise():
+    """Two runtimes see the same near-tied distances up to independent float rounding noise: the
+    nearest entry's weight (the reference rule) then flips between the tied entries for about half
+    of the ties, while the shared weight moves by a rounding-sized amount."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    base = rng.uniform(1, 100, n)
+    d2 = np.stack([base, base * (1 + rng.uniform(-1e-7, 1e-7, n)), base * 1.3, base * 1.5], 1)
+    d2 = np.sort(d2, 1)
+    idx = np.argsort(rng.random((n, 64)), 1)[:, :4]  # four distinct bank entries per query
+    w = rng.uniform(1.0, 1.6, 64).astype(np.float32)
+    runs = []
+    for seed in (1, 2):  # "torch" and "onnxruntime": relative rounding noise ~1e-6 on every distance
+        noisy = d2 * (1 + np.random.default_rng(seed).normal(0, 1e-6, d2.shape))
+        order = np.argsort(noisy, 1)
+        runs.append((np.take_along_axis(noisy, order, 1), np.take_along_axis(idx, order, 1)))
+    nearest = [w[i[:, 0]] for _, i in runs]
+    assert np.mean(nearest[0] != nearest[1]) > 0.2  # the reference rule disagrees with itself
+    shared = [matched_weight(torch.from_numpy(a.astype(np.float32)), torch.from_numpy(i), torch.from_numpy(w)).numpy() for a, i in runs]
+    assert np.max(np.abs(shared[0] - shared[1]) / shared[0]) < 1e-4
 
 
 # ------------------------------------------------------------- determinism and persistence

@@ -2,7 +2,8 @@
 
     image uint8 [B, H, W, 3] RGB
       -> float / 255 -> backbone (ImageNet normalisation inside) -> patch features [B*h*w, D]
-      -> nearest memory entry (matmul + reduce; SoftPatch: times the matched entry's weight)
+      -> nearest memory entry (matmul + reduce; SoftPatch: times the matched entry's weight,
+         shared between near-tied entries by the torch path's own ``matched_weight``)
       -> patch scores [B, h, w] -> image score [B] (max | mean | topk_mean)
       -> bilinear upsampling to H x W + Gaussian blur -> map [B, H, W]
 
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..detectors.softpatch import TIE_NEIGHBOURS, matched_weight
 from ..features.vit import pool_and_stack
 
 
@@ -164,9 +166,10 @@ class PatchKNNGraph(nn.Module):
         if self.weights is None:
             d2 = torch.clamp(score.amin(1), min=0.0)
             return d2 if self.squared else torch.sqrt(d2)
-        best = score.argmin(1)
-        d2 = torch.clamp(torch.gather(score, 1, best[:, None])[:, 0], min=0.0)
-        return (d2 if self.squared else torch.sqrt(d2)) * torch.index_select(self.weights, 0, best)
+        # SoftPatch: the k nearest, so that (near-)tied entries share the weight as in the torch path
+        v, i = torch.topk(score, min(TIE_NEIGHBOURS, score.shape[1]), dim=1, largest=False)
+        d2 = torch.clamp(v, min=0.0)
+        return (d2[:, 0] if self.squared else torch.sqrt(d2[:, 0])) * matched_weight(d2, i, self.weights)
 
     def forward(self, image: torch.Tensor):
         pixels = image.permute(0, 3, 1, 2).to(torch.float32) / 255.0

@@ -30,11 +30,12 @@ import numpy as np
 from ..errors import DataError, ModelError
 from ..optional import require
 from .onnx_runtime import INPUT_NAME, OUTPUT_NAMES, build_onnx_model, read_doc, session_from_bytes, sha256_bytes
+from .support import SUPPORTED, unsupported
 
 PARITY_RTOL = 1e-4  # largest allowed |onnx - torch| / |torch| for scores; / max|torch map| for maps
 N_PARITY_IMAGES = 4
 DEFAULT_OPSET = 17
-EXPORTABLE = ("patchcore", "softpatch", "anomalydino")
+EXPORTABLE = tuple(SUPPORTED)
 MAX_BANK_BYTES = 3 << 29  # 1.5 GiB of memory bank: room for the backbone under protobuf's 2 GiB
 
 
@@ -44,28 +45,10 @@ def _refuse(folder: Path, why: str) -> ModelError:
 
 def check_exportable(model, folder: Path) -> None:
     """Refuse, in one line, detector settings the graph does not implement (before any work)."""
-    from ..detectors.anomalydino import FoundationPatchKNN
-    from ..detectors.patchcore import PatchCore
-
     det = model.detector
-    if det.name not in EXPORTABLE:
-        raise _refuse(folder, f"detector {det.name!r} is not supported (export-onnx handles {', '.join(EXPORTABLE)})")
-    p = det.params_
-    if isinstance(det, PatchCore) and p.reweight_neighbors is not None:
-        raise _refuse(folder, "patchcore reweight_neighbors (paper eq. 7) is not in the graph; use reweight_neighbors: null")
-    if getattr(p, "feature_aggregation", "reference") != "reference":
-        raise _refuse(folder, f"feature_aggregation {p.feature_aggregation!r} is not in the graph; use feature_aggregation: reference")
-    if p.aggregation == "blurred_max" or getattr(p, "topk", None) is not None:
-        what = "aggregation blurred_max" if p.aggregation == "blurred_max" else "topk"
-        raise _refuse(folder, f"{what} is not in the graph; use aggregation max, mean or topk_mean with topk_ratio")
-    if isinstance(det, FoundationPatchKNN) and p.masking:
-        raise _refuse(folder, "anomalydino masking (per-image PCA of patch tokens) is not in the graph; use masking: false")
-    if getattr(p, "knn_index", "exact") != "exact":
-        raise _refuse(folder, f"knn_index {p.knn_index!r}: the graph searches exactly; export a model fitted with knn_index: exact")
-    if getattr(p, "blur_at", "input") != "input":
-        raise _refuse(folder, f"blur_at {p.blur_at!r}: the graph blurs at the model input size; use blur_at: input")
-    if getattr(p, "distance", "euclidean") not in ("euclidean", "squared"):
-        raise _refuse(folder, f"distance {p.distance!r} is not in the graph")
+    why = unsupported(det.name, det.params_)
+    if why:
+        raise _refuse(folder, why)
     if det.memory_.nbytes > MAX_BANK_BYTES:
         raise _refuse(folder, f"the memory bank ({det.memory_.nbytes / 2**30:.1f} GiB) does not fit one ONNX file "
                               "(protobuf's 2 GiB limit); use a smaller coreset_ratio")
@@ -234,8 +217,8 @@ def export_onnx(folder: str | Path, out: str | Path | None = None, opset: int = 
     require("onnx", extra="onnx")
     require("onnxruntime", extra="onnx")
     doc = read_doc(folder)
-    if doc.get("detector") not in EXPORTABLE:
-        raise _refuse(folder, f"detector {doc.get('detector')!r} is not supported (export-onnx handles {', '.join(EXPORTABLE)})")
+    if doc.get("detector") not in EXPORTABLE:  # before loading: an anomalib checkpoint needs anomalib and an opt-in
+        raise _refuse(folder, unsupported(str(doc.get("detector")), None))
     if not 13 <= opset <= 20:
         raise ModelError(f"--opset {opset}: supported opsets are 13-20")
     model = Model.load(folder)
