@@ -27,6 +27,9 @@ SetOpt = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config 
 OutOpt = typer.Option(None, "--out", metavar="DIR", help="Output root (default: output.root of the config, 'reports').")
 JsonOpt = typer.Option(False, "--json", help="Print the summary JSON alone on stdout.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or tables.")
+RayOpt = typer.Option(None, "--ray", metavar="ADDRESS",
+                      help="Run on Ray: 'local' (start one in this process), 'auto' (a running cluster), ray://host:port.")
+ResumeOpt = typer.Option(False, "--resume", help="Skip categories whose report.json exists with the same config hash.")
 
 
 class Terminated(KeyboardInterrupt):
@@ -84,6 +87,18 @@ def _load(config: Path, overrides: list[str], out_root: Optional[Path] = None):
     if out_root is not None:
         cfg.output.root = out_root
     return cfg
+
+
+def _with_executor(execution, ray: Optional[str], work: Callable):
+    """``work(executor)`` on the config's ``execution`` section (None: the defaults; ``--ray``
+    overrides it); a Ray started here is shut down."""
+    from pyimgano_core.execution import make_executor
+
+    executor = make_executor(execution, ray)
+    try:
+        return work(executor)
+    finally:
+        executor.close()
 
 
 def _progress(quiet: bool, as_json: bool):
@@ -150,11 +165,15 @@ def validate(config: Path, set_: list[str] = SetOpt) -> None:
 
 @app.command()
 def fit(config: Path, set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt,
-        as_json: bool = JsonOpt, quiet: bool = QuietOpt) -> None:
+        as_json: bool = JsonOpt, quiet: bool = QuietOpt, ray: Optional[str] = RayOpt) -> None:
     """Fit the detector on each category's normal images and save the model folders."""
     from pyimgano_core.runs import fit_run
 
-    summary = _guard(lambda: fit_run(_load(config, set_, out_root), progress=_progress(quiet, as_json)))
+    def body():
+        cfg = _load(config, set_, out_root)
+        return _with_executor(cfg.execution, ray, lambda ex: fit_run(cfg, progress=_progress(quiet, as_json), executor=ex))
+
+    summary = _guard(body)
     if not quiet:
         _print_warnings(summary)
     if as_json:
@@ -168,14 +187,21 @@ def fit(config: Path, set_: list[str] = SetOpt, out_root: Optional[Path] = OutOp
 def eval_(config: Path, model: Optional[Path] = typer.Option(None, "--model", metavar="DIR", help="Saved model (or run) folder; fit if absent."),
           set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
           fail_under: Optional[str] = typer.Option(None, "--fail-under", help="Gates, e.g. image_auroc=0.99,aupro=0.9: "
-                                                   "exit code 6 if any category falls short (reports are still written).")) -> None:
+                                                   "exit code 6 if any category falls short (reports are still written)."),
+          ray: Optional[str] = RayOpt, resume: bool = ResumeOpt) -> None:
     """Fit (or load) and evaluate: metrics overall and per defect in report.json, and report.html."""
     from pyimgano_core.reporting import GATE_EXIT_CODE
     from pyimgano_core.reporting.gates import check_gates, parse_gates
     from pyimgano_core.runs import eval_run
 
     gates = _guard(lambda: parse_gates(fail_under))
-    summary = _guard(lambda: eval_run(_load(config, set_, out_root), model_arg=model, progress=_progress(quiet, as_json)))
+
+    def body():
+        cfg = _load(config, set_, out_root)
+        return _with_executor(cfg.execution, ray, lambda ex: eval_run(cfg, model_arg=model, progress=_progress(quiet, as_json),
+                                                            executor=ex, resume=resume))
+
+    summary = _guard(body)
     _print_metrics(summary, as_json, quiet)
     failures = check_gates(summary, gates)
     for line in failures:
@@ -226,14 +252,20 @@ def export_maps(config: Optional[Path] = typer.Argument(None, metavar="CONFIG", 
                 model: Optional[Path] = typer.Option(None, "--model", metavar="DIR", help="Saved model (or run) folder; fit if absent."),
                 input_dir: Optional[Path] = typer.Option(None, "--input", metavar="DIR", help="Folder of images to score (default: the test split)."),
                 runtime: str = typer.Option("torch", "--runtime", help="torch, or onnx: the graph from 'pyimgano export-onnx' on onnxruntime (needs --model)."),
-                set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt) -> None:
+                set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+                ray: Optional[str] = RayOpt,
+                shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
+                                                    help="Score only shard I (0-based) of N of the sorted image list.")) -> None:
     """Write heatmap overlays, raw maps, defect masks and predictions.jsonl."""
     from pyimgano_core.runs import export_folder_run, export_run
+    from pyimgano_core.shards import parse_shard
 
     def body():
+        part = parse_shard(shard) if shard is not None else None
         if config is not None:
-            return export_run(_load(config, set_, out_root), model_arg=model, input_dir=input_dir,
-                              progress=_progress(quiet, as_json), runtime=runtime)
+            cfg = _load(config, set_, out_root)
+            return _with_executor(cfg.execution, ray, lambda ex: export_run(cfg, model_arg=model, input_dir=input_dir,
+                                  progress=_progress(quiet, as_json), runtime=runtime, executor=ex, shard=part))
         from pyimgano_core.errors import ConfigError
 
         if model is None or input_dir is None or set_:
@@ -241,7 +273,8 @@ def export_maps(config: Optional[Path] = typer.Argument(None, metavar="CONFIG", 
         if runtime not in ("torch", "onnx"):
             raise ConfigError(f"--runtime must be torch or onnx, got {runtime!r}")
         # no config: nothing imports torch on the onnx runtime (inspection servers)
-        return export_folder_run(model, input_dir, out_root, _progress(quiet, as_json), runtime)
+        return _with_executor(None, ray, lambda ex: export_folder_run(model, input_dir, out_root, _progress(quiet, as_json),
+                                                                      runtime, executor=ex, shard=part))
 
     summary = _guard(body)
     failed = sum(r.get("n_failed", 0) for r in summary["categories"].values())
@@ -274,6 +307,24 @@ def export_onnx(model_dir: Path, out_file: Optional[Path] = typer.Option(None, "
     out.print(escape(f"parity on {p['n_images']} {p['images']}: largest relative difference score {p['max_score_rel_diff']:.2g}, "
                      f"map {p['max_map_rel_diff']:.2g} (tolerance {p['rtol']:g})"
                      + (f", {p['decision_flips']} decision flips" if p["decision_flips"] is not None else "")), highlight=False)
+
+
+@app.command()
+def sweep(config: Path, grid: list[str] = typer.Option(..., "--grid", help="key.path=v1,v2,... (repeatable): one run per combination."),
+          set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+          ray: Optional[str] = RayOpt, resume: bool = ResumeOpt) -> None:
+    """Evaluate a grid of --set overrides: one report folder per run, one sweep table (JSON + Markdown)."""
+    from pyimgano_core.sweep import sweep_run
+
+    def body():
+        cfg = _load(config, set_, out_root)
+        return _with_executor(cfg.execution, ray, lambda ex: sweep_run(config, grid, set_, out_root, ex, resume, _progress(quiet, as_json)))
+
+    doc = _guard(body)
+    if as_json:
+        sys.stdout.write(json.dumps(doc, default=str) + "\n")
+    elif not quiet:
+        out.print((Path(doc["folder"]) / "sweep.md").read_text(), highlight=False, markup=False)
 
 
 @app.command()

@@ -6,6 +6,8 @@ resolved against the current working directory (run commands from the project ro
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .data import DatasetConfig
 from .detectors import get_detector_class
 from .errors import ConfigError
+from .execution import CPUS_PER_TASK, MAX_RETRIES
 from .postprocess import PostprocessConfig
 
 
@@ -51,6 +54,15 @@ class OutputConfig(Strict):
     html: bool = Field(True, description="eval also writes report.html per category (and index.html over categories)")
 
 
+class ExecutionConfig(Strict):
+    """Where per-category runs and sharded exports execute. Results never depend on it."""
+
+    backend: Literal["local", "ray"] = Field("local", description="local: this process, one job after another; ray: Ray tasks")
+    address: str = Field("auto", description="ray: 'auto' (a running cluster), 'local' (start one in-process), host:port or ray://host:port")
+    cpus_per_task: float = Field(CPUS_PER_TASK, gt=0, description="ray: CPUs reserved per task (torch uses as many threads)")
+    max_retries: int = Field(MAX_RETRIES, ge=0, description="ray: resubmissions of a task whose worker died (killed, out of memory)")
+
+
 class ExperimentConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = Field(0, ge=0, lt=2**32, description="seeds every random choice (numpy needs 0 <= seed < 2**32)")
@@ -60,6 +72,7 @@ class ExperimentConfig(Strict):
     calibration: CalibrationConfig | None = None
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     def detector_params(self, category: str | None = None) -> dict[str, Any]:
         """Validated detector parameters with defaults filled in, plus the experiment seed.
@@ -71,6 +84,12 @@ class ExperimentConfig(Strict):
         if category is not None and "category" in get_detector_class(self.detector.name).Params.model_fields:
             params["category"] = category
         return params
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """Fingerprint of everything that can change a run's results (not where it runs or writes)."""
+    data = cfg.model_dump(mode="json", exclude={"execution": True, "output": {"root"}})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------ loading

@@ -268,6 +268,7 @@ def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: P
 
 
 def _evaluate(cfg, split, model, out_dir, progress, fit_timing, pixels: PixelMetricStream) -> dict:
+    from .config import config_hash
     from .reporting.collect import ReportCollector
 
     t_start = time.perf_counter()
@@ -358,6 +359,7 @@ def _evaluate(cfg, split, model, out_dir, progress, fit_timing, pixels: PixelMet
         "warnings": _warnings(split, model, metrics, cfg),
         "few_shot_images": model.meta.get("fit_images"),
         "config": cfg.model_dump(mode="json"),
+        "config_hash": config_hash(cfg),  # --resume skips a run whose report has this hash
         "versions": versions(),
         "maps": maps_written,
         **report_parts,  # curves (ROC/PR/PRO points) and worst cases, read by reporting.html

@@ -53,3 +53,9 @@ class OutputError(PyimganoError):
     the way, disk full) or is held by another run."""
 
     exit_code = 2
+
+
+class ExecutionError(PyimganoError):
+    """Work that could not run: an unreachable cluster, or tasks that failed after their retries."""
+
+    exit_code = 8  # (6: a --fail-under gate, 7: ResourceError)

@@ -7,7 +7,9 @@ replaced by complete new ones (atomic writes).
 """
 from __future__ import annotations
 
+import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,13 +18,15 @@ import numpy as np
 from .data import load_splits
 from .data.io import is_image_file
 from .data.types import Split
-from .engine import Progress, build_model, evaluate_split, export_images
-from .errors import ConfigError, DataError, ModelError, OptionalDependencyError, PyimganoError
+from .engine import Progress, build_model, evaluate_split
+from .errors import ConfigError, DataError, ModelError, OptionalDependencyError
+from .execution import Job, JobResult, LocalExecutor, failures, raise_failures
 from .optional import require
 from .reporting.html import write_page
 from .reporting.summary import write_summary_pages
 from .outputs import check_writable
 from .reports import write_json
+from .shards import export_on, shard_folder
 
 if TYPE_CHECKING:  # export-maps --runtime onnx without a config must not import torch
     from .config import ExperimentConfig
@@ -88,63 +92,125 @@ def _summary(cfg: ExperimentConfig, command: str, done: dict, status: str, error
             "categories": done, "mean": means, "total_s": time.perf_counter() - t0}
 
 
-def _loop(cfg: ExperimentConfig, out: Path, command: str, splits: list[Split], body, summary_name: str = "summary.json") -> dict:
-    """Run ``body(split) -> dict`` per category; always leave a truthful summary file."""
+def check_outputs(out: Path, categories: list[str]) -> None:
+    """Before any work: the run folder and each category folder can be written."""
     check_writable(out, "run folder")
-    for split in splits:  # before any work: a file where a category folder must go fails now
-        check_writable(out / split.name, "category folder")
+    for name in categories:  # a file where a category folder must go fails now
+        check_writable(out / name, "category folder")
+
+
+def _loop(cfg: ExperimentConfig, out: Path, command: str, jobs: list[Job], executor=None, progress: Progress | None = None,
+          skip=None, summary_name: str = "summary.json") -> dict:
+    """Run one job per category through the executor; always leave a truthful summary file.
+
+    ``skip(job)`` may return a finished result (``--resume``) so the job is not run again.
+    """
+    check_outputs(out, [j.name for j in jobs])
     t0 = time.perf_counter()
-    done: dict = {}
-    try:
-        for split in splits:
-            done[split.name] = body(split)
-    except PyimganoError as exc:
-        if done:
-            write_json(out / summary_name, _summary(cfg, command, done, "failed", str(exc), t0))
-        raise
-    summary = _summary(cfg, command, done, "ok", None, t0)
-    write_json(out / summary_name, summary)
+    kept = {i: r for i, j in enumerate(jobs) if skip and (r := skip(j)) is not None}
+    ran = iter((executor or LocalExecutor()).run([j for i, j in enumerate(jobs) if i not in kept], progress))
+    results = [kept[i] if i in kept else next(ran) for i in range(len(jobs))]
+    summary = finish_run(cfg, out, command, results, t0, summary_name)
+    raise_failures(results)
     return summary
 
 
-def fit_run(cfg: ExperimentConfig, out_root: Path | None = None, progress: Progress | None = None) -> dict:
+def finish_run(cfg: ExperimentConfig, out: Path, command: str, results: list[JobResult], t0: float,
+               summary_name: str = "summary.json") -> dict:
+    """The run's summary: what finished, what failed (by name, with attempts), what was resumed."""
+    done = {r.name: r.value for r in results if r.ok}
+    failed = failures(results)
+    summary = _summary(cfg, command, done, "failed" if failed else "ok", None, t0)
+    summary.update(failed=failed, resumed=[r.name for r in results if r.resumed])
+    if failed:
+        summary["error"] = "; ".join(f"[{k}] {v['error']}" for k, v in failed.items())
+    if done or not failed:
+        write_json(out / summary_name, summary)
+    return summary
+
+
+def category_jobs(cfg: ExperimentConfig, fn, out: Path, **kwargs) -> list[Job]:
+    """One job per category (plain data only: it may run on another machine); the whole
+    dataset is checked here, before any work starts."""
+    config = cfg.model_dump(mode="json")
+    return [Job(s.name, fn, {"config": config, "category": s.name, "out": str(out), **kwargs}) for s in load_splits(cfg.dataset)]
+
+
+def _job_inputs(config: dict, category: str) -> tuple[ExperimentConfig, Split]:
+    """In a job (maybe on another machine): the validated config and this job's one split."""
+    from .config import validate_config
+
+    cfg = validate_config(config)
+    ds = cfg.dataset
+    if getattr(ds, "category", None) == "all" or isinstance(getattr(ds, "category", None), list):
+        ds = ds.model_copy(update={"category": category})  # list only this category's files
+    for split in load_splits(ds):
+        if split.name == category:
+            return cfg, split
+    raise DataError(f"category {category!r} not found in the dataset of {cfg.name}")
+
+
+def fit_category(config: dict, category: str, out: str, progress: Progress | None = None) -> dict:
+    cfg, split = _job_inputs(config, category)
+    model, timing = build_model(cfg, split, progress)
+    folder = model.save(Path(out) / split.name / "model")
+    warnings = [model.thresholds.warning] if model.thresholds and model.thresholds.warning else []
+    return {"model": str(folder), "timing": timing, "thresholds": model.thresholds.to_dict() if model.thresholds else None,
+            "warnings": warnings}
+
+
+def eval_category(config: dict, category: str, out: str, model_arg: str | None = None, progress: Progress | None = None) -> dict:
+    cfg, split = _job_inputs(config, category)
+    out = Path(out)
+    if model_arg is not None:
+        model, timing = _load_model(cfg, Path(model_arg), split.name), {"fit_s": 0.0, "loaded_from": str(model_arg)}
+    else:
+        model, timing = build_model(cfg, split, progress)
+    report = evaluate_split(cfg, split, model, out / split.name, progress, timing)
+    if cfg.output.html:
+        write_page(out / split.name)
+    return _entry(report, out / split.name / "report.json")
+
+
+def _entry(report: dict, path: Path) -> dict:
+    return {k: report.get(k) for k in ("metrics", "per_defect", "decisions", "counts", "timing", "warnings")} | {"report": str(path)}
+
+
+def finished_report(job: Job) -> JobResult | None:
+    """``--resume``: the job's report, if it exists, completed, with this config's hash."""
+    from .config import config_hash, validate_config
+
+    path = Path(job.kwargs["out"]) / job.kwargs["category"] / "report.json"
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    want = config_hash(validate_config(job.kwargs["config"]))
+    if report.get("status") != "ok" or report.get("config_hash") != want:
+        return None
+    return JobResult(job.name, _entry(report, path), resumed=True)
+
+
+def fit_run(cfg: ExperimentConfig, out_root: Path | None = None, progress: Progress | None = None, executor=None) -> dict:
     from .model import check_target
 
     out = run_dir(cfg, out_root)
-    splits = load_splits(cfg.dataset)
-    for split in splits:
-        check_target(out / split.name / "model")
-
-    def body(split: Split) -> dict:
-        model, timing = build_model(cfg, split, progress)
-        folder = model.save(out / split.name / "model")
-        warnings = [model.thresholds.warning] if model.thresholds and model.thresholds.warning else []
-        return {"model": str(folder), "timing": timing, "thresholds": model.thresholds.to_dict() if model.thresholds else None,
-                "warnings": warnings}
-
-    return _loop(cfg, out, "fit", splits, body)
+    jobs = category_jobs(cfg, fit_category, out)
+    for job in jobs:
+        check_target(out / job.name / "model")
+    return _loop(cfg, out, "fit", jobs, executor, progress)
 
 
 def eval_run(cfg: ExperimentConfig, out_root: Path | None = None, model_arg: Path | None = None,
-             progress: Progress | None = None) -> dict:
+             progress: Progress | None = None, executor=None, resume: bool = False) -> dict:
     out = run_dir(cfg, out_root)
-
-    def body(split: Split) -> dict:
-        if model_arg is not None:
-            model, timing = _load_model(cfg, model_arg, split.name), {"fit_s": 0.0, "loaded_from": str(model_arg)}
-        else:
-            model, timing = build_model(cfg, split, progress)
-        report = evaluate_split(cfg, split, model, out / split.name, progress, timing)
-        if cfg.output.html:
-            write_page(out / split.name)
-        return {k: report[k] for k in ("metrics", "per_defect", "decisions", "counts", "timing", "warnings")} | {"report": str(out / split.name / "report.json")}
-
     if cfg.output.html:  # before any work: the page's plots need matplotlib
         try:
             require("matplotlib", extra="report")
         except OptionalDependencyError as exc:
             raise OptionalDependencyError(f"{exc} (or set output.html: false)") from None
-    summary = _loop(cfg, out, "eval", load_splits(cfg.dataset), body)
+    jobs = category_jobs(cfg, eval_category, out, model_arg=str(model_arg) if model_arg is not None else None)
+    summary = _loop(cfg, out, "eval", jobs, executor, progress, finished_report if resume else None)
     write_summary_pages(out, summary, cfg.output.html)
     return summary
 
@@ -159,39 +225,51 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def export_run(cfg: ExperimentConfig, out_root: Path | None = None, model_arg: Path | None = None,
-               input_dir: Path | None = None, progress: Progress | None = None, runtime: str = "torch") -> dict:
+               input_dir: Path | None = None, progress: Progress | None = None, runtime: str = "torch",
+               executor=None, shard: tuple[int, int] | None = None) -> dict:
     """Maps for the test split of each category, or for every image under ``input_dir``.
 
-    ``runtime="onnx"`` scores with the exported ONNX graph (needs ``model_arg``)."""
+    ``runtime="onnx"`` scores with the exported ONNX graph (needs ``model_arg``). Categories
+    run one after another here; the scoring itself goes to ``executor`` (Ray: the images in
+    shards, merged), or covers one ``shard`` (I, N) of the sorted image list."""
     out = run_dir(cfg, out_root)
+    executor = executor or LocalExecutor()
     if runtime not in ("torch", "onnx"):
         raise ConfigError(f"--runtime must be torch or onnx, got {runtime!r}")
     if runtime == "onnx" and model_arg is None:
         raise ConfigError(f"--runtime {runtime} needs --model (a model folder exported with 'pyimgano export-onnx')")
     images = list_images(Path(input_dir)) if input_dir is not None else None
     if images is not None and model_arg is not None:
-        return export_folder_run(model_arg, input_dir, out_root or cfg.output.root, progress, runtime, cfg.name)
+        return export_folder_run(model_arg, input_dir, out_root or cfg.output.root, progress, runtime, cfg.name, executor, shard)
     splits = load_splits(cfg.dataset)
     if images is not None and len(splits) != 1:
         raise ConfigError(f"--input needs a config with one category (or --model); this one has {len(splits)}")
 
-    def body(split: Split) -> dict:
-        model = _load_model(cfg, model_arg, split.name, runtime) if model_arg is not None else build_model(cfg, split, progress)[0]
+    def body(split: Split, progress: Progress | None = None) -> dict:
+        folder = find_model(model_arg, split.name) if model_arg is not None else None
+        model = _load_model(cfg, model_arg, split.name, runtime) if folder is not None else build_model(cfg, split, progress)[0]
+        on = partial(export_on, executor, model, progress=progress, shard=shard, folder=folder, runtime=runtime)
         if images is not None:
-            return export_images(model, images, out / split.name / "export", progress, base=Path(input_dir))
+            return on(images, out / split.name / "export", base=Path(input_dir))
         paths = [s.path for s in split.test]
-        return export_images(model, paths, out / split.name / "maps", progress, base=_common_root(paths))
+        return on(paths, out / split.name / "maps", base=_common_root(paths))
 
-    return _loop(cfg, out, "export-maps", splits, body, EXPORT_SUMMARY)
+    jobs = [Job(s.name, partial(body, s), {}) for s in splits]  # in this process (a closure, not shipped)
+    return _loop(cfg, out, "export-maps", jobs, LocalExecutor(), progress, summary_name=_summary_name(shard))
+
+
+def _summary_name(shard: tuple[int, int] | None) -> str:
+    """N shard jobs of one folder run at once: each keeps its own run summary."""
+    return EXPORT_SUMMARY if shard is None else EXPORT_SUMMARY.replace(".json", f".{shard_folder(*shard)}.json")
 
 
 def export_folder_run(model_arg: Path, input_dir: Path, out_root: Path | None = None, progress: Progress | None = None,
-                      runtime: str = "torch", name: str | None = None) -> dict:
+                      runtime: str = "torch", name: str | None = None, executor=None, shard: tuple[int, int] | None = None) -> dict:
     """Maps for every image under ``input_dir`` with a saved model: no config, no dataset.
 
     Outputs go to ``<out_root>/<name>/<category>/export`` (``name``/``category``: the model's
     own unless given) and ``<out_root>/<name>/export_summary.json``. With ``runtime="onnx"``
-    nothing here imports torch.
+    nothing here imports torch. ``executor``/``shard``: as :func:`export_run`.
     """
     folder = Path(model_arg) if (Path(model_arg) / "model.json").is_file() else _single_model(model_arg)
     images = list_images(Path(input_dir))
@@ -200,9 +278,10 @@ def export_folder_run(model_arg: Path, input_dir: Path, out_root: Path | None = 
     category = model.meta.get("category") or "input"
     out = Path(out_root or "reports") / name
     check_writable(out / category / "export")
-    summary = export_images(model, images, out / category / "export", progress, base=Path(input_dir))
+    summary = export_on(executor or LocalExecutor(), model, images, out / category / "export", progress, Path(input_dir),
+                        shard, folder, runtime)
     result = {"name": name, "command": "export-maps", "status": "ok", "model": str(folder), "categories": {category: summary}}
-    write_json(out / EXPORT_SUMMARY, result)
+    write_json(out / _summary_name(shard), result)
     return result
 
 

@@ -1,0 +1,213 @@
+"""Where engine calls run: in this process (:class:`LocalExecutor`) or as Ray tasks (:class:`RayExecutor`).
+
+A :class:`Job` is a name, a module-level function and JSON-able keyword arguments (a config
+dict, a category, an output folder). Only plain data crosses to a worker, and every job calls
+the same engine functions as a local run, so results do not depend on the executor: it only
+decides *where* the engine runs.
+
+Failures: a job that raises a user error (:class:`PyimganoError`: bad data, bad model) fails
+the same way everywhere and is not retried. A Ray task whose worker *died* (killed, out of
+memory, node lost) is resubmitted up to ``max_retries`` times, then reported by name; the
+other jobs' results are kept either way.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from . import errors
+from .errors import ConfigError, ExecutionError, PyimganoError
+from .optional import require
+
+if TYPE_CHECKING:  # the config imports the detector registry (torch); the ONNX runtime path must not
+    from .config import ExecutionConfig
+
+CONNECT_TIMEOUT_S = 3.0  # an unreachable cluster address fails within a few seconds
+CPUS_PER_TASK = 1  # defaults of the config's execution section (and of --ray without a config)
+MAX_RETRIES = 2
+
+
+@dataclass(frozen=True)
+class Job:
+    """``fn(**kwargs, progress=...)`` -> dict; ``fn`` must be importable by workers (module level)."""
+
+    name: str
+    fn: Callable[..., dict]
+    kwargs: dict
+
+
+@dataclass
+class JobResult:
+    name: str
+    value: dict | None = None
+    error: PyimganoError | None = None
+    attempts: int = 1
+    resumed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def raise_failures(results: Sequence[JobResult]) -> None:
+    """Raise the first failure (its own type and exit code), naming the others."""
+    failed = [r for r in results if not r.ok]
+    if not failed:
+        return
+    first = failed[0]
+    if len(results) == 1:
+        raise first.error
+    msg = f"[{first.name}] {first.error}"
+    if len(failed) > 1:
+        msg += f"; {len(failed) - 1} other job(s) failed too: {', '.join(r.name for r in failed[1:])}"
+    raise type(first.error)(msg + f"; {len(results) - len(failed)} finished and kept")
+
+
+def failures(results: Sequence[JobResult]) -> dict:
+    """``{job name: {"error", "attempts"}}`` for a summary."""
+    return {r.name: {"error": str(r.error), "type": type(r.error).__name__, "attempts": r.attempts} for r in results if not r.ok}
+
+
+class LocalExecutor:
+    """Run jobs one after another in this process (the default; needs nothing installed)."""
+
+    backend = "local"
+
+    def run(self, jobs: Sequence[Job], progress=None) -> list[JobResult]:
+        results = []
+        for job in jobs:
+            try:
+                results.append(JobResult(job.name, job.fn(**job.kwargs, progress=progress)))
+            except PyimganoError as exc:
+                results.append(JobResult(job.name, error=exc))
+        return results
+
+    def close(self) -> None: ...
+
+
+def _call(fn: Callable[..., dict], kwargs: dict, cwd: str) -> tuple:
+    """The Ray task body: run one job in the driver's working directory; user errors become data."""
+    if os.path.isdir(cwd):  # relative dataset/weight paths resolve as on the driver (same layout on every node)
+        os.chdir(cwd)
+    try:
+        return ("ok", fn(**kwargs, progress=None))
+    except PyimganoError as exc:
+        return ("error", type(exc).__name__, str(exc))
+
+
+def _died_errors(ray) -> tuple[type, ...]:
+    """Ray's errors for a task whose worker or node went away (worth a retry), not for a bug in it."""
+    ex = ray.exceptions
+    names = ("WorkerCrashedError", "OutOfMemoryError", "NodeDiedError", "ObjectLostError", "LocalRayletDiedError", "ActorDiedError")
+    return tuple(getattr(ex, n) for n in names if hasattr(ex, n))
+
+
+class RayExecutor:
+    """Run jobs as Ray tasks, ``cpus_per_task`` CPUs each, resubmitting tasks whose worker died."""
+
+    backend = "ray"
+
+    def __init__(self, address: str = "auto", cpus_per_task: float = CPUS_PER_TASK, max_retries: int = MAX_RETRIES):
+        self.ray = require("ray", "ray")
+        self.cpus_per_task, self.max_retries = cpus_per_task, max_retries
+        self._started = connect(self.ray, address)
+        cpus = self.ray.cluster_resources().get("CPU", 1)
+        self.slots = max(1, int(cpus // cpus_per_task))
+        self._task = self.ray.remote(_call).options(num_cpus=cpus_per_task, max_retries=0, retry_exceptions=False)
+
+    def share(self, obj: Any) -> list:
+        """Put ``obj`` in the object store once; the list keeps Ray from fetching it for every task."""
+        return [self.ray.put(obj)]
+
+    def run(self, jobs: Sequence[Job], progress=None) -> list[JobResult]:
+        ray = self.ray
+        cwd = os.getcwd()
+        died = _died_errors(ray)
+        results: list[JobResult | None] = [None] * len(jobs)
+        pending = {}
+
+        def submit(i: int, attempt: int) -> None:
+            pending[self._task.remote(jobs[i].fn, jobs[i].kwargs, cwd)] = (i, attempt)
+
+        for i in range(len(jobs)):
+            submit(i, 1)
+        if progress is not None:
+            progress.start(f"{len(jobs)} job(s) on Ray ({self.slots} at a time)", len(jobs))
+        try:
+            while pending:
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                i, attempt = pending.pop(ref)
+                name = jobs[i].name
+                try:
+                    out = ray.get(ref)
+                except died as exc:
+                    if attempt <= self.max_retries:
+                        submit(i, attempt + 1)
+                        continue
+                    err = ExecutionError(f"worker died {attempt} time(s) ({type(exc).__name__}); gave up after {self.max_retries} retries")
+                    results[i] = JobResult(name, error=err, attempts=attempt)
+                except ray.exceptions.RayTaskError as exc:  # a bug in the job: not retried, reported
+                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                    first = str(cause).strip().splitlines()
+                    results[i] = JobResult(name, error=ExecutionError(f"{type(cause).__name__}: {first[-1] if first else ''}"), attempts=attempt)
+                else:
+                    if out[0] == "ok":
+                        results[i] = JobResult(name, out[1], attempts=attempt)
+                    else:
+                        results[i] = JobResult(name, error=getattr(errors, out[1], PyimganoError)(out[2]), attempts=attempt)
+                if progress is not None:
+                    progress.advance(1)
+        finally:
+            if progress is not None:
+                progress.stop()
+        return results
+
+    def close(self) -> None:
+        if self._started and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+def connect(ray, address: str) -> bool:
+    """Join (or start) a Ray cluster; True when this call started it. Fails fast with one line."""
+    if ray.is_initialized():  # an embedding program (or a test) already chose the cluster
+        return False
+    quiet = dict(logging_level=logging.ERROR, log_to_driver=False)
+    try:
+        if address == "local":
+            ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, **quiet)
+            return True
+        if address != "auto":
+            _check_reachable(address)
+        ray.init(address=address, **quiet)
+    except PyimganoError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError, grpc errors
+        text = str(exc).strip().splitlines()
+        raise ExecutionError(f"cannot connect to the Ray cluster at {address!r}: {text[0] if text else type(exc).__name__}") from None
+    return False
+
+
+def _check_reachable(address: str) -> None:
+    """Ray's own connect retries for a long time; a plain TCP probe answers in seconds."""
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"execution.address: expected 'auto', 'local', host:port or ray://host:port, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ExecutionError(f"cannot reach the Ray cluster at {address!r} within {CONNECT_TIMEOUT_S:.0f} s: {exc.strerror or exc}") from None
+
+
+def make_executor(cfg: ExecutionConfig | None = None, ray_address: str | None = None) -> LocalExecutor | RayExecutor:
+    """The executor of an ``execution`` config section (None: the defaults); ``ray_address``
+    (``--ray``) selects Ray at that address whatever the section says."""
+    backend = "ray" if ray_address is not None else (cfg.backend if cfg is not None else "local")
+    if backend == "local":
+        return LocalExecutor()
+    if cfg is None:
+        return RayExecutor(ray_address)
+    return RayExecutor(ray_address or cfg.address, cfg.cpus_per_task, cfg.max_retries)

@@ -1,0 +1,212 @@
+"""Executors: shards, resume, the no-ray / bad-address errors, and (one local Ray) the same
+results as the local executor, retries of killed tasks, sharded export."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pyimgano_cli.app import app
+from pyimgano_core.config import config_hash, load_config
+from pyimgano_core.errors import ConfigError, DataError, ExecutionError
+from pyimgano_core.execution import Job, parse_shard, shard_slice
+from tests.helpers import write_config
+from tests.ray_jobs import bad_data, die_until
+from tests.synth import make_mvtec_tree
+
+runner = CliRunner()
+METRICS = ("metrics", "per_defect", "decisions", "counts")
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_mvtec_tree(root, "widget", n_train=8, n_test_good=3, seed=0)
+    make_mvtec_tree(root, "gadget", n_train=8, n_test_good=3, defects={"crack": 3}, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fitted(tree, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(config with one category and calibration, its model folder, a folder of 40 images)."""
+    tmp = tmp_path_factory.mktemp("fitted")
+    cfg = write_config(tmp / "c.yaml", tree, calibration={"holdout_fraction": 0.25})
+    cfg.write_text(cfg.read_text().replace("category: all", "category: widget"))
+    assert run("fit", cfg, "--out", tmp / "m", "-q").exit_code == 0
+    inbox = tmp / "inbox"
+    for i, p in enumerate(sorted((tree / "widget/test").rglob("*.png")) * 5):
+        (inbox / f"sub{i % 3}").mkdir(parents=True, exist_ok=True)
+        (inbox / f"sub{i % 3}" / f"{i:03d}_{p.parent.name}.png").write_bytes(p.read_bytes())
+    return cfg, tmp / "m/t", inbox
+
+
+# ------------------------------------------------------------------------------ no Ray needed
+def test_shard_slices_cover_every_item_exactly_once():
+    for n_items in (0, 1, 7, 40, 101):
+        items = list(range(n_items))
+        for count in (1, 2, 3, 7, 16):
+            parts = [shard_slice(items, i, count) for i in range(count)]
+            assert [x for p in parts for x in p] == items  # in order, no gap, no overlap
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert parse_shard("2/4") == (2, 4)
+    for bad in ("4/4", "1", "-1/3", "a/b", "1/0"):
+        with pytest.raises(ConfigError, match="--shard expects I/N"):
+            parse_shard(bad)
+
+
+def test_export_shards_cover_the_folder_once(fitted, tmp_path):
+    cfg, model, inbox = fitted
+    for i in range(3):
+        res = run("export-maps", cfg, "--model", model, "--input", inbox, "--shard", f"{i}/3", "--out", tmp_path, "-q")
+        assert res.exit_code == 0, res.output
+    rows = [json.loads(line)["path"] for f in sorted((tmp_path / "t/widget/export").glob("shard-*-of-0003/predictions.jsonl"))
+            for line in f.read_text().splitlines()]
+    files = sorted(str(p) for p in inbox.rglob("*.png"))
+    assert len(rows) == len(files) == 40 and rows == files
+    res = run("export-maps", cfg, "--model", model, "--input", inbox, "--shard", "3/3", "--out", tmp_path)
+    assert res.exit_code == 2 and "--shard expects I/N" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_resume_skips_reports_with_the_same_config_hash(tree, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tree)
+    assert run("eval", cfg, "--out", tmp_path, "-q").exit_code == 0
+    reports = {c: tmp_path / f"t/{c}/report.json" for c in ("gadget", "widget")}
+    before = {c: p.stat().st_mtime_ns for c, p in reports.items()}
+    reports["widget"].write_text(reports["widget"].read_text().replace('"status": "ok"', '"status": "partial"', 1))
+    res = run("eval", cfg, "--out", tmp_path, "--resume", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["resumed"] == ["gadget"] and set(summary["categories"]) == {"gadget", "widget"}
+    assert reports["gadget"].stat().st_mtime_ns == before["gadget"] and reports["widget"].stat().st_mtime_ns != before["widget"]
+    # the hash covers what changes results, not where a run executes or writes
+    base = load_config(cfg)
+    assert json.loads(reports["gadget"].read_text())["config_hash"] == config_hash(base)
+    assert config_hash(load_config(cfg, ["detector.params.coreset_ratio=0.25"])) != config_hash(base)
+    assert config_hash(load_config(cfg, ["execution.backend=ray", "output.root=elsewhere"])) == config_hash(base)
+
+
+def test_without_ray_installed_one_line_names_the_extra(tree, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    res = run("eval", write_config(tmp_path / "c.yaml", tree), "--ray", "local", "--out", tmp_path)
+    assert res.exit_code == 5 and 'pip install "pyimgano[ray]"' in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+
+
+def test_unreachable_address_fails_fast_with_one_line(tree, tmp_path):
+    pytest.importorskip("ray")
+    assert not __import__("ray").is_initialized()  # runs before the module's Ray starts
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = write_config(tmp_path / "c.yaml", tree)
+    for address in (f"ray://127.0.0.1:{port}", f"127.0.0.1:{port}"):
+        t0 = time.perf_counter()
+        res = run("eval", cfg, "--ray", address, "--out", tmp_path)
+        assert time.perf_counter() - t0 < 10
+        assert res.exit_code == 7 and "cannot reach the Ray cluster" in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+    res = run("eval", cfg, "--ray", "nonsense", "--out", tmp_path)
+    assert res.exit_code == 2 and "execution.address" in res.output
+
+
+# ------------------------------------------------------------------------------ one local Ray
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    import logging
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _metrics(folder: Path) -> dict:
+    out = {}
+    for report in sorted(folder.rglob("report.json")):
+        doc = json.loads(report.read_text())
+        scores = [json.loads(x)["score"] for x in (report.parent / "predictions.jsonl").read_text().splitlines()]
+        out[str(report.relative_to(folder))] = ({k: doc[k] for k in METRICS}, doc["config_hash"], scores)
+    return out
+
+
+def test_sweep_on_ray_gives_the_local_metrics(ray_cluster, tree, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tree)
+    grid = ["--grid", "dataset.category=gadget,widget", "--grid", "detector.params.coreset_ratio=0.25"]
+    res = run("sweep", cfg, *grid, "--out", tmp_path / "local", "--json")
+    assert res.exit_code == 0, res.output
+    res = run("sweep", cfg, *grid, "--ray", "local", "--out", tmp_path / "ray", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    names = ["t__category-gadget__coreset_ratio-0.25", "t__category-widget__coreset_ratio-0.25"]
+    assert doc["executor"] == "ray" and [r["run"] for r in doc["runs"]] == names
+    local, remote = _metrics(tmp_path / "local"), _metrics(tmp_path / "ray")
+    assert sorted(local) == [f"{n}/{c}/report.json" for n, c in zip(names, ("gadget", "widget"))]
+    assert local == remote  # identical metrics, per-defect metrics, counts and every image score
+    table = (tmp_path / "ray/t-sweep/sweep.md").read_text()
+    assert all(f"| {n} | {c} | 0.25 | {c} |" in table for n, c in zip(names, ("gadget", "widget"))), table
+    rows = [[{k: v for k, v in r.items() if k != "summary"} for r in json.loads((tmp_path / f"{x}/t-sweep/sweep.json").read_text())["runs"]]
+            for x in ("local", "ray")]
+    assert rows[0] == rows[1]
+    page = (tmp_path / "ray/t-sweep/index.html").read_text()
+    assert all(f'href="../{n}/index.html"' in page for n in names) and (tmp_path / "ray" / names[0] / "index.html").is_file()
+
+
+def test_killed_task_is_retried_then_reported_by_name(ray_cluster, tmp_path):
+    from pyimgano_core.execution import RayExecutor
+
+    jobs = [Job("steady", die_until, {"counter": str(tmp_path / "a"), "deaths": 0}),
+            Job("flaky", die_until, {"counter": str(tmp_path / "b"), "deaths": 1}),
+            Job("doomed", die_until, {"counter": str(tmp_path / "c"), "deaths": 99}),
+            Job("bad-data", bad_data, {})]
+    results = RayExecutor(max_retries=1).run(jobs)
+    by = {r.name: r for r in results}
+    assert [r.name for r in results] == ["steady", "flaky", "doomed", "bad-data"]
+    assert by["steady"].value == {"runs": 1} and by["flaky"].value == {"runs": 2} and by["flaky"].attempts == 2
+    assert isinstance(by["doomed"].error, ExecutionError) and by["doomed"].attempts == 2
+    assert "worker died 2 time(s)" in str(by["doomed"].error) and (tmp_path / "c").read_text() == "2"
+    assert isinstance(by["bad-data"].error, DataError) and by["bad-data"].attempts == 1  # user errors are not retried
+
+
+def test_failed_category_is_named_in_the_summary_and_the_rest_kept(ray_cluster, tmp_path):
+    root = tmp_path / "d"
+    make_mvtec_tree(root, "widget")
+    make_mvtec_tree(root, "gadget", seed=1)
+    bad = root / "widget/test/scratch/000.png"
+    bad.write_bytes(bad.read_bytes()[:200])  # the header reads (the dataset check passes); decoding fails in the task
+    res = run("eval", write_config(tmp_path / "c.yaml", root), "--ray", "local", "--out", tmp_path / "o")
+    assert res.exit_code == 3 and "[widget]" in res.output and "1 finished and kept" in res.output, res.output
+    summary = json.loads((tmp_path / "o/t/summary.json").read_text())
+    assert summary["status"] == "failed" and list(summary["categories"]) == ["gadget"]
+    assert "000.png" in summary["failed"]["widget"]["error"] and summary["failed"]["widget"]["attempts"] == 1
+
+
+def test_export_maps_on_ray_matches_local(ray_cluster, fitted, tmp_path):
+    import numpy as np
+
+    cfg, model, inbox = fitted
+    for name, extra in (("local", []), ("ray", ["--ray", "local"])):
+        res = run("export-maps", cfg, "--model", model, "--input", inbox, "--out", tmp_path / name, "-q", *extra)
+        assert res.exit_code == 0, res.output
+    local, remote = tmp_path / "local/t/widget/export", tmp_path / "ray/t/widget/export"
+    rows_l = [json.loads(x) for x in (local / "predictions.jsonl").read_text().splitlines()]
+    rows_r = [json.loads(x) for x in (remote / "predictions.jsonl").read_text().splitlines()]
+    strip = ("files",)
+    assert len(rows_l) == 40 and [{k: v for k, v in r.items() if k not in strip} for r in rows_l] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in rows_r]
+    summary = json.loads((remote / "summary.json").read_text())
+    assert summary["n_scored"] == 40 and len(summary["shards"]) == 2 and summary["failed_shards"] == {}
+    pids = [s["worker_pid"] for s in summary["shards"].values()]
+    for pid in set(pids):  # the model is loaded once per worker process, whatever the shards it scores
+        assert sum(s["model_loaded"] for s in summary["shards"].values() if s["worker_pid"] == pid) == 1
+    for a, b in zip(rows_l, rows_r):
+        assert np.array_equal(np.load(a["files"]["map"]), np.load(b["files"]["map"]))
