@@ -88,11 +88,12 @@ def main() -> None:
     ap.add_argument("--coreset", type=float, default=0.005)
     ap.add_argument("--n-images", type=int, default=1000)
     ap.add_argument("--parts", default="eval,export")
+    ap.add_argument("--set", action="append", default=[], help="extra overrides for both configs (same for both executors)")
     ap.add_argument("--out", default="reports/ray.json")
     args = ap.parse_args()
-    sets = [f"detector.params.coreset_ratio={args.coreset}"]
+    sets = [f"detector.params.coreset_ratio={args.coreset}", *args.set]
     cfgs = [load_config(c, sets) for c in CONFIGS]
-    doc = {"coreset_ratio": args.coreset, "configs": list(CONFIGS), "machine": "2 CPU cores shared with ~7 other engineers' jobs"}
+    doc = {"coreset_ratio": args.coreset, "overrides": sets, "n_images": args.n_images, "configs": list(CONFIGS), "machine": "2 CPU cores shared with ~7 other engineers' jobs"}
     ray_ex = RayExecutor("local")
     doc["ray_slots"] = ray_ex.slots
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))

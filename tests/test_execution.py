@@ -125,9 +125,13 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     import logging
 
+    # Ray's memory monitor kills workers when the *machine* is nearly full, whoever fills it: that
+    # would make these tests depend on other processes. Killed workers are tested explicitly.
+    os.environ["RAY_memory_monitor_refresh_ms"] = "0"
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     yield ray
     ray.shutdown()
+    os.environ.pop("RAY_memory_monitor_refresh_ms", None)
 
 
 def _metrics(folder: Path) -> dict:
