@@ -3,6 +3,7 @@ results as the local executor, retries of killed tasks, sharded export."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -14,14 +15,19 @@ from typer.testing import CliRunner
 
 from pyimgano_cli.app import app
 from pyimgano_core.config import config_hash, load_config
+from pyimgano_core.engine import CHUNK
 from pyimgano_core.errors import ConfigError, DataError, ExecutionError
-from pyimgano_core.execution import Job, parse_shard, shard_slice
+from pyimgano_core.execution import Job
+from pyimgano_core.shards import parse_shard, shard_slice
 from tests.helpers import write_config
 from tests.ray_jobs import bad_data, die_until
 from tests.synth import make_mvtec_tree
 
 runner = CliRunner()
 METRICS = ("metrics", "per_defect", "decisions", "counts")
+# a small random-init CNN whose ONNX export passes its parity check (tests/test_onnx.py's)
+ONNX_CNN = dict(backbone="mobilenet_v2", layers=["features.3", "features.6"], weights=None, image_size=48, crop=None,
+                resize_mode="squash", coreset_ratio=0.5, pretrain_embed_dim=40, target_embed_dim=32)
 
 
 def run(*args):
@@ -40,7 +46,7 @@ def tree(tmp_path_factory) -> Path:
 def fitted(tree, tmp_path_factory) -> tuple[Path, Path, Path]:
     """(config with one category and calibration, its model folder, a folder of 40 images)."""
     tmp = tmp_path_factory.mktemp("fitted")
-    cfg = write_config(tmp / "c.yaml", tree, calibration={"holdout_fraction": 0.25})
+    cfg = write_config(tmp / "c.yaml", tree, params=ONNX_CNN, calibration={"holdout_fraction": 0.25})
     cfg.write_text(cfg.read_text().replace("category: all", "category: widget"))
     assert run("fit", cfg, "--out", tmp / "m", "-q").exit_code == 0
     inbox = tmp / "inbox"
@@ -78,7 +84,7 @@ def test_export_shards_cover_the_folder_once(fitted, tmp_path):
 
 
 def test_resume_skips_reports_with_the_same_config_hash(tree, tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", tree)
+    cfg = write_config(tmp_path / "c.yaml", tree, output={"html": False})
     assert run("eval", cfg, "--out", tmp_path, "-q").exit_code == 0
     reports = {c: tmp_path / f"t/{c}/report.json" for c in ("gadget", "widget")}
     before = {c: p.stat().st_mtime_ns for c, p in reports.items()}
@@ -113,7 +119,7 @@ def test_unreachable_address_fails_fast_with_one_line(tree, tmp_path):
         t0 = time.perf_counter()
         res = run("eval", cfg, "--ray", address, "--out", tmp_path)
         assert time.perf_counter() - t0 < 10
-        assert res.exit_code == 7 and "cannot reach the Ray cluster" in res.output, res.output
+        assert res.exit_code == 8 and "cannot reach the Ray cluster" in res.output, res.output
         assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
     res = run("eval", cfg, "--ray", "nonsense", "--out", tmp_path)
     assert res.exit_code == 2 and "execution.address" in res.output
@@ -187,7 +193,7 @@ def test_failed_category_is_named_in_the_summary_and_the_rest_kept(ray_cluster, 
     make_mvtec_tree(root, "gadget", seed=1)
     bad = root / "widget/test/scratch/000.png"
     bad.write_bytes(bad.read_bytes()[:200])  # the header reads (the dataset check passes); decoding fails in the task
-    res = run("eval", write_config(tmp_path / "c.yaml", root), "--ray", "local", "--out", tmp_path / "o")
+    res = run("eval", write_config(tmp_path / "c.yaml", root, output={"html": False}), "--ray", "local", "--out", tmp_path / "o")
     assert res.exit_code == 3 and "[widget]" in res.output and "1 finished and kept" in res.output, res.output
     summary = json.loads((tmp_path / "o/t/summary.json").read_text())
     assert summary["status"] == "failed" and list(summary["categories"]) == ["gadget"]
@@ -208,9 +214,24 @@ def test_export_maps_on_ray_matches_local(ray_cluster, fitted, tmp_path):
     assert len(rows_l) == 40 and [{k: v for k, v in r.items() if k not in strip} for r in rows_l] == \
         [{k: v for k, v in r.items() if k not in strip} for r in rows_r]
     summary = json.loads((remote / "summary.json").read_text())
-    assert summary["n_scored"] == 40 and len(summary["shards"]) == 2 and summary["failed_shards"] == {}
+    assert summary["n_scored"] == 40 and len(summary["shards"]) == math.ceil(40 / CHUNK) and summary["failed_shards"] == {}
     pids = [s["worker_pid"] for s in summary["shards"].values()]
     for pid in set(pids):  # the model is loaded once per worker process, whatever the shards it scores
         assert sum(s["model_loaded"] for s in summary["shards"].values() if s["worker_pid"] == pid) == 1
     for a, b in zip(rows_l, rows_r):
         assert np.array_equal(np.load(a["files"]["map"]), np.load(b["files"]["map"]))
+
+
+def test_export_maps_onnx_runtime_on_ray_matches_local(ray_cluster, fitted, tmp_path):
+    pytest.importorskip("onnxruntime")
+    _, model, inbox = fitted
+    res = run("export-onnx", model)
+    assert res.exit_code == 0, res.output
+    for name, extra in (("local", []), ("ray", ["--ray", "local"])):  # no config: the model's own name and category
+        res = run("export-maps", "--model", model, "--input", inbox, "--runtime", "onnx", "--out", tmp_path / name, "-q", *extra)
+        assert res.exit_code == 0, res.output
+    local, remote = (tmp_path / name / "t/widget/export" for name in ("local", "ray"))
+    rows_l, rows_r = ([json.loads(x) for x in (f / "predictions.jsonl").read_text().splitlines()] for f in (local, remote))
+    assert len(rows_l) == 40 and [(r["path"], r["score"], r["is_anomalous"]) for r in rows_l] == \
+        [(r["path"], r["score"], r["is_anomalous"]) for r in rows_r]
+    assert json.loads((remote / "summary.json").read_text())["n_scored"] == 40
