@@ -87,6 +87,20 @@ def export_both(cfg, n_images: int, tmp: Path, ray_ex) -> dict:
             "throughput_ratio_ray_over_local": out["ray"]["images_per_s"] / out["local"]["images_per_s"], **out}
 
 
+def start_ray(attempts: int = 6) -> RayExecutor:
+    """A local Ray; retried because Ray gives its raylet a fixed 30 s to register, which a
+    niced start on a machine loaded ~8x over its cores can miss."""
+    from pyimgano_core.errors import ExecutionError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return RayExecutor("local")
+        except ExecutionError as exc:
+            print(f"Ray start {attempt}/{attempts} failed: {exc}", flush=True)
+            time.sleep(10)
+    raise SystemExit("could not start a local Ray")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--coreset", type=float, default=0.01)
@@ -100,7 +114,7 @@ def main() -> None:
     cfgs = [load_config(c, sets) for c in CONFIGS]
     doc = {"coreset_ratio": args.coreset, "overrides": sets, "n_images": args.n_images, "configs": list(CONFIGS), "machine": args.machine}
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    ray_ex = RayExecutor("local")
+    ray_ex = start_ray()
     doc["ray_slots"] = ray_ex.slots
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     try:

@@ -224,7 +224,8 @@ def test_export_maps_on_ray_matches_local(ray_cluster, fitted, tmp_path):
 
 def test_export_maps_onnx_runtime_on_ray_matches_local(ray_cluster, fitted, tmp_path):
     pytest.importorskip("onnxruntime")
-    _, model, inbox = fitted
+    _, run_folder, inbox = fitted
+    model = run_folder / "widget/model"
     res = run("export-onnx", model)
     assert res.exit_code == 0, res.output
     for name, extra in (("local", []), ("ray", ["--ray", "local"])):  # no config: the model's own name and category
