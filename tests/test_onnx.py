@@ -232,11 +232,11 @@ def test_whitelist_refuses_options_it_does_not_know():
     from pyimgano_core.detectors.patchcore import PatchCoreParams
     from pyimgano_core.detectors.softpatch import SoftPatchParams
 
-    class Future(SoftPatchParams):  # e.g. a tiling or image-score option of a later session
-        tiling: int | None = None
+    class Future(SoftPatchParams):  # an option added by a later session
+        stride: int | None = None
 
     assert unsupported("softpatch", Future(**CNN)) is None
-    assert "detector.params.tiling=2 is an option the ONNX graph does not implement" in unsupported("softpatch", Future(**CNN, tiling=2))
+    assert "detector.params.stride=2 is an option the ONNX graph does not implement" in unsupported("softpatch", Future(**CNN, stride=2))
     assert unsupported("patchcore", PatchCoreParams(**CNN, reweight_neighbors=1)) is None  # b=1 is the plain max
     assert "reweight_neighbors 2" in unsupported("patchcore", PatchCoreParams(**CNN, reweight_neighbors=2))
     assert "aggregation median is not in the graph" in unsupported("patchcore", PatchCoreParams.model_construct(**dict(CNN, aggregation="median")))

@@ -26,9 +26,10 @@ Rule = Any  # ANY | tuple of allowed values | Callable[[params], str | None]
 def _pixel_size(name: str) -> Callable:
     def rule(p) -> str | None:
         v = getattr(p, name)
-        ok = v is None if name == "crop" else False
+        # crop: None = whole image; image_size auto: a fixed size the fit resolved (the detector's geometry)
+        ok = v is None if name == "crop" else v == "auto"
         ok = ok or isinstance(v, int) or (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, int) for x in v))
-        return None if ok else f"{name} {v!r}: the graph takes a fixed pixel size (an int or [h, w])"
+        return None if ok else f"{name} {v!r}: the graph takes a fixed pixel size (an int, [h, w] or auto)"
     return rule
 
 
@@ -39,9 +40,11 @@ def _masking_off(p) -> str | None:
     return None
 
 
-# Shared by every patch-kNN detector (PatchKNNParams).
+# Shared by every patch-kNN detector (PatchKNNParams). A name a detector's parameters lack is ignored.
 _PATCH_KNN: dict[str, Rule] = {
     "image_size": _pixel_size("image_size"), "crop": _pixel_size("crop"), "resize_mode": ANY,
+    "pixel_budget": ANY,  # image_size auto: shapes only the size the fit resolves
+    "tiling": (None,),
     "aggregation": ("max", "mean", "topk_mean"), "topk_ratio": ANY, "topk": (None,), "blur_sigma": ANY,
     "knn_backend": ANY,  # both are exact searches; the graph's matmul + reduce is exact too
     "knn_index": ("exact",),
@@ -75,6 +78,7 @@ HINTS = {
     "aggregation": "aggregation {value} is not in the graph; use aggregation max, mean or topk_mean with topk_ratio",
     "topk": "topk is not in the graph; use aggregation max, mean or topk_mean with topk_ratio",
     "feature_aggregation": "feature_aggregation {value!r} is not in the graph; use feature_aggregation: reference",
+    "tiling": "tiling (tiles cut, scored and stitched per image) is not in the graph; export a model fitted without tiling",
 }
 
 
