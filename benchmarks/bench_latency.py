@@ -123,8 +123,8 @@ def latency(model_dir: Path, code: Path = ROOT, n: int = 40) -> dict:
     return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mib": round(rss)}
 
 
-def evaluate(run_dir: Path, params: dict, out: Path) -> dict:
-    wall, rss, _ = cli("eval", CFG, "--model", run_dir, *sets(params), "--out", out, "-q")
+def evaluate(run_dir: Path, params: dict, out: Path, extra: list[str] = ()) -> dict:
+    wall, rss, _ = cli("eval", CFG, "--model", run_dir, *extra, *sets(params), "--out", out, "-q")
     rep = json.loads(next(out.rglob("report.json")).read_text())
     m = rep["metrics"]
     return {"image_auroc": round(m["image_auroc"], 4), "pixel_auroc": round(m["pixel_auroc"], 4), "aupro": round(m["aupro"], 4),
@@ -152,7 +152,7 @@ def bank_rows(work: Path, label: str, extra: list[str], baseline: Path | None, f
         if params:
             row.update(derive(exact_model, model, params))
             row.update(recall(exact_model, model))
-        row.update(evaluate(run, params, work / f"eval_{label}_{name}"))
+        row.update(evaluate(run, params, work / f"eval_{label}_{name}", extra))
         row["latency"] = latency(model, n=n_latency)
         if name == "exact" and baseline is not None:
             row["latency_baseline_code"] = latency(model, baseline, n=n_latency)
@@ -224,6 +224,7 @@ def _load(npz: Path) -> tuple:
 def _upscaled(test: tuple, side: int):
     """The test maps/masks of ``_load`` resized to side x side, one at a time."""
     import cv2
+    import numpy as np
 
     for m, g, d in zip(*test):
         yield (cv2.resize(g.astype(np.uint8), (side, side), interpolation=cv2.INTER_NEAREST).astype(bool),
@@ -245,7 +246,7 @@ def metrics_worker(npz: str, mode: str, pixels: int, side: int) -> None:
                 for gt, amap, d in _upscaled(test, side):
                     acc.add(gt, amap, d)
         else:
-            subset = list(_upscaled(test, side))[:: 83 // 8][:8]
+            subset = [x for i, x in enumerate(_upscaled(test, side)) if i % (83 // 8) == 0][:8]
             for gt, amap, d in subset:
                 acc.add(gt, amap, d)
             ref = pixel_metrics([s[0] for s in subset], [s[1] for s in subset], 0.3)
