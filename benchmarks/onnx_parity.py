@@ -91,7 +91,7 @@ def run_one(key: str, models: Path, n_latency: int, threads: int) -> dict:
 def markdown(res: dict) -> str:
     lines = ["# ONNX export: parity with the torch path and latency (MVTec AD bottle, MobileNetV2)", "",
              f"`python benchmarks/onnx_parity.py [--only NAME]` ({res['machine']}; each row's date below). The machine was "
-             "shared with ~7 other engineers' jobs (load average ~15-20 on 2 cores): latencies are noisy and slow, "
+             "shared with other engineers' jobs (load average ~15-25 on 2 cores): latencies are noisy and slow, "
              "compare the ratio within a row (one process, images alternating).", "",
              "| config | test images | max score diff (rel / abs) | max map diff (rel / abs) | decision flips | "
              "torch s/img | ORT s/img | ORT/torch |", "|---|---|---|---|---|---|---|---|"]
