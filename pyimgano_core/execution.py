@@ -12,9 +12,12 @@ other jobs' results are kept either way.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sys
+import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -111,6 +114,11 @@ class RayExecutor:
     backend = "ray"
 
     def __init__(self, address: str = "auto", cpus_per_task: float = CPUS_PER_TASK, max_retries: int = MAX_RETRIES):
+        if address != "local":
+            # Read when Ray is imported: its driver tries a GCS 20 times, a second apart, by default;
+            # an address that answers TCP but is no Ray head (a proxy, another service) then fails
+            # in a few seconds. A user's own setting wins.
+            os.environ.setdefault("RAY_NUM_REDIS_GET_RETRIES", str(int(CONNECT_TIMEOUT_S)))
         self.ray = require("ray", "ray")
         self.cpus_per_task, self.max_retries = cpus_per_task, max_retries
         self._started = connect(self.ray, address)
@@ -181,13 +189,39 @@ def connect(ray, address: str) -> bool:
             return True
         if address != "auto":
             _check_reachable(address)
-        ray.init(address=address, **quiet)
+        with _stderr_on_success():  # Ray's C++ client logs a warning line per failed GCS attempt
+            ray.init(address=address, **quiet)
     except PyimganoError:
         raise
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError, grpc errors
         text = str(exc).strip().splitlines()
         raise ExecutionError(f"cannot connect to the Ray cluster at {address!r}: {text[0] if text else type(exc).__name__}") from None
     return False
+
+
+@contextlib.contextmanager
+def _stderr_on_success():
+    """Hold what native code writes to stderr (fd 2); replay it only if the block succeeds, so a
+    failed connect ends in our one line."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (embedded): nothing to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        os.dup2(held.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if ok:
+                held.seek(0)
+                os.write(2, held.read())
 
 
 def _check_reachable(address: str) -> None:
