@@ -31,6 +31,8 @@ class DetectorParams(BaseModel):
     @field_validator("image_size", "crop", check_fields=False)
     @classmethod
     def _pixel_sizes(cls, v):
+        if isinstance(v, str):  # "auto" (where the field allows it): resolved from the images at fit time
+            return v
         for x in ([v] if isinstance(v, int) else list(v or [])):
             if not 1 <= x <= MAX_SIDE:
                 raise ValueError(f"must be between 1 and {MAX_SIDE} pixels, got {x}")

@@ -23,8 +23,9 @@ from pydantic import Field, field_validator, model_validator
 
 from ..features.backbones import FeatureExtractor
 from ..features.patch_embed import ConcatPatchEmbedder, LocalPatchEmbedder
-from .base import register_detector
+from .base import MAX_SIDE, register_detector
 from .patchknn import PatchKNNDetector, PatchKNNParams
+from .tiling import Tiling
 
 
 class CNNPatchParams(PatchKNNParams):
@@ -38,7 +39,9 @@ class CNNPatchParams(PatchKNNParams):
     squared L2 patch distances (the reference's faiss ``IndexFlatL2``).
     """
 
-    image_size: int | tuple[int, int] = Field(256, description="resize target (squash: exact h,w; shorter_side: short edge)")
+    image_size: int | tuple[int, int] | Literal["auto"] | None = Field(
+        256, description="resize target (squash: exact h,w; shorter_side: short edge); auto: (h, w) from the training "
+        "images' median aspect ratio and pixel_budget; null with tiling")
     crop: int | tuple[int, int] | None = Field(224, description="centre crop after resize (None = whole image)")
     resize_mode: Literal["squash", "shorter_side"] = "shorter_side"
 
@@ -66,6 +69,37 @@ class CNNPatchParams(PatchKNNParams):
         "greedy", description="greedy: exact greedy k-center (the paper's picks); chunked: exact greedy per chunk of "
         "coreset_chunk_points patches (training images in order), union of the chunks (approximate, linear cost)")
     coreset_chunk_points: int = Field(200_000, ge=1000, description="patches per chunk of the chunked coreset")
+    # -- how images become model inputs: image_size auto, or tiles (detectors/tiling.py) -------------
+    pixel_budget: int = Field(224 * 224, ge=1, le=MAX_SIDE * MAX_SIDE,
+                              description="image_size auto: model-input pixels h*w (each side a multiple of the largest stride)")
+    tiling: Tiling | None = Field(None, description="cut each image into overlapping tiles at native resolution (or "
+                                  "tiling.scale); each tile is a model input, maps are stitched (None: no tiling)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _input_defaults(cls, data):
+        # auto and tiles are fixed-size inputs without a crop: unset resize_mode/crop default to that
+        if isinstance(data, dict) and (data.get("image_size") == "auto" or data.get("tiling") is not None):
+            data = {"resize_mode": "squash", "crop": None, **({"image_size": None} if data.get("tiling") is not None else {}), **data}
+        return data
+
+    @model_validator(mode="after")
+    def _input_rules(self):
+        if self.tiling is not None and (self.image_size is not None or self.crop is not None or self.resize_mode != "squash"):
+            raise ValueError("image_size, crop and resize_mode do not apply with tiling (tiles are cut from the image at "
+                             "tiling.scale): remove them")
+        if self.tiling is not None and self.tiling.bank == "per_tile" and self.knn_index != "exact":
+            raise ValueError("tiling.bank: per_tile searches each tile position's bank exactly: use knn_index: exact")
+        if self.tiling is not None and self.topk is not None:
+            raise ValueError("topk counts the patches of one model input; with tiling the image score is taken over the "
+                             "stitched map: use topk_ratio")
+        if self.tiling is None and self.image_size is None:
+            raise ValueError("image_size: null only applies with tiling")
+        if self.image_size == "auto" and (self.crop is not None or self.resize_mode != "squash"):
+            raise ValueError("image_size: auto is a fixed (h, w) input: use crop: null and resize_mode: squash")
+        if self.image_size != "auto" and self.pixel_budget != type(self).model_fields["pixel_budget"].default:
+            raise ValueError("pixel_budget only applies with image_size: auto")
+        return self
 
     @field_validator("layer_weights")
     @classmethod
@@ -113,6 +147,8 @@ class PatchCoreParams(CNNPatchParams):
         if self.reweight_neighbors not in (None, 1) and self.aggregation != "max":
             raise ValueError(f"reweight_neighbors (paper eq. 7) reweights the max patch score: it needs aggregation: max "
                              f"(aggregation is {self.aggregation})")
+        if self.tiling is not None and self.reweight_neighbors not in (None, 1):
+            raise ValueError("reweight_neighbors does not apply with tiling (the image score comes from the stitched map)")
         return self
 
 

@@ -27,7 +27,9 @@ from ..optional import require
 from .base import Detector, DetectorParams, Prediction
 from .coreset import CoresetMethod, greedy_coreset  # noqa: F401  (CoresetMethod, greedy_coreset: re-exported)
 from .image_score import Aggregation, aggregate, describe_rule  # noqa: F401  (Aggregation, aggregate: re-exported)
+from .inputs import describe_input, load_inputs, prepare_inputs, save_inputs
 from .knn import IndexKind, KNNIndex  # noqa: F401 - KNNIndex re-exported (it lived here)
+from .tiling import fit_per_tile, iter_tile_batches, predict_tiled
 
 log = logging.getLogger(__name__)
 FitProgress = Callable[[str, int, "int | None"], None]  # (stage, done, total)
@@ -178,7 +180,17 @@ class PatchKNNDetector(Detector):
     @property
     def geometry(self) -> Geometry:
         p = self.params_
-        return Geometry(size=p.image_size, crop=p.crop, mode=p.resize_mode)
+        if getattr(p, "tiling", None) is not None:  # a tile, as cut, is the model input (tiling.py)
+            return Geometry(size=p.tiling.tile, mode="squash")
+        size = self.image_size_ if p.image_size == "auto" else p.image_size  # auto: resolved by the fit
+        return Geometry(size=size, crop=p.crop, mode=p.resize_mode)
+
+    def _batches(self, images: list):
+        p = self.params_
+        if getattr(p, "tiling", None) is None:
+            return iter_batches(images, self.geometry, p.batch_size)
+        return iter_tile_batches(images, p.tiling, p.batch_size, getattr(self, "tile_grid_", None))
+
 
     def _embedder(self) -> PatchEmbedder:
         if self.embedder is None:
@@ -189,7 +201,7 @@ class PatchKNNDetector(Detector):
         """Yield (features [B, h', w', D] float32 numpy, batch); adds load/embed seconds to ``timing``."""
         emb = self._embedder()
         p = self.params_
-        batches = iter_batches(images, self.geometry, p.batch_size)
+        batches = self._batches(images)
         start = 0
         while True:
             t0 = time.perf_counter()
@@ -208,8 +220,13 @@ class PatchKNNDetector(Detector):
             yield feats, batch
 
     def _fit(self, images: list) -> None:
+        n_inputs, grids = prepare_inputs(self, images)  # image_size auto / tile grids, before the long work
+        if grids and self.params_.tiling.bank == "per_tile":
+            fit_per_tile(self, images, grids)
+            self._index = self._tile_index = None
+            return
         with FeatureStore(self.params_.spill_dir) as store:
-            grid_hw = self._spill(images, store)
+            grid_hw = self._spill(images, store, n_inputs=n_inputs)
             self._check_index_fits(len(store))
             t0 = time.perf_counter()
             self._build_memory(store, grid_hw)
@@ -219,13 +236,15 @@ class PatchKNNDetector(Detector):
         self.timing_["spill"]["removed"] = store.removed
         self._index = None
 
-    def _spill(self, images: list, store: FeatureStore, transform=None) -> tuple[int, int] | None:
+    def _spill(self, images: list, store: FeatureStore, transform=None, n_inputs: int | None = None) -> tuple[int, int] | None:
         """Extract features of ``images`` in batches into ``store``; returns the patch grid (None if it varies).
 
         After the first batch the fit's memory is estimated from the number of patches it
         implies (and checked against ``max_memory_gb``) before the rest is extracted.
         ``transform(feats [B, h, w, D], batch) -> rows [n, D]`` selects/normalises rows.
+        ``n_inputs``: the model inputs ``images`` give (tiles; default one per image).
         """
+        total = len(images) if n_inputs is None else n_inputs
         grid_hw, seen, stage = None, 0, "extracting features"
         for feats, batch in self._embed(images, self.timing_):
             if seen == 0:
@@ -237,12 +256,12 @@ class PatchKNNDetector(Detector):
                 grid_hw = None
             rows = feats.reshape(-1, feats.shape[-1]) if transform is None else transform(feats, batch)
             if seen == 0:
-                est = self._check_memory(int(round(len(rows) * len(images) / len(feats))), rows.shape[-1])
+                est = self._check_memory(int(round(len(rows) * total / len(feats))), rows.shape[-1])
                 stage = (f"features: {est['patches']:,} patches, memory bank {est['memory_bank_bytes'] / 2**30:.2f} GiB, "
                          f"expected peak {est['expected_peak_gib']:.1f} GiB")
             store.append(rows)
             seen += len(feats)
-            self._report(stage, seen, len(images))
+            self._report(stage, seen, total)
         return grid_hw
 
     # -- resources and progress ----------------------------------------------------------
@@ -336,6 +355,8 @@ class PatchKNNDetector(Detector):
 
     def _predict(self, images: list) -> Prediction:
         p = self.params_
+        if getattr(p, "tiling", None) is not None:
+            return predict_tiled(self, images)
         scores, maps, boxes, hws = [], [], [], []
         timing = dict(load_s=0.0, embed_s=0.0, search_s=0.0, maps_s=0.0)
         for feats, batch in self._embed(images, timing):
@@ -380,11 +401,17 @@ class PatchKNNDetector(Detector):
         return aggregate(patch, p.aggregation, p.topk_ratio, p.topk, maps)
 
     # -- protocol --------------------------------------------------------------------------
-    def protocol(self) -> dict[str, str]:
+    def protocol(self) -> dict:
         """The scoring choices in words, for the report's protocol (the params are saved with the model)."""
         p = self.params_
-        return {"image_score": describe_rule(p.aggregation, p.topk_ratio, p.topk, p.blur_sigma),
-                "patch_features": self._describe_features()}
+        out = {"image_score": describe_rule(p.aggregation, p.topk_ratio, p.topk, p.blur_sigma),
+               "patch_features": self._describe_features()}
+        rule = describe_input(self)  # image_size auto or tiling, as the fit resolved them
+        if rule:
+            out["input_rule"] = rule
+        if getattr(p, "tiling", None) is not None:
+            out["image_score"] += " of the stitched map (tiles' maps overlap-averaged; before the blur unless blurred_max)"
+        return out
 
     def _describe_features(self) -> str:
         describe = getattr(self.params_, "describe_features", None)  # the CNN detectors' feature_aggregation
@@ -396,6 +423,7 @@ class PatchKNNDetector(Detector):
     def state(self):
         self.check_fitted()
         arrays, extras = {"memory_": self.memory_}, {"n_train_patches_": self.n_train_patches_}
+        save_inputs(self, arrays, extras)  # image_size auto's resolved size, per_tile banks' offsets
         if self.params_.knn_index != "exact":  # the faiss index's own bytes (no pickle), with a checksum
             arrays["knn_index_"], extras["knn_index_sha256"] = self._knn().to_array()
         return arrays, extras
@@ -404,7 +432,8 @@ class PatchKNNDetector(Detector):
         super().load_state(arrays, extras)
         self.memory_ = arrays["memory_"]
         self.n_train_patches_ = int(extras["n_train_patches_"])
-        self._index = None
+        self._index = self._tile_index = None
+        load_inputs(self, arrays, extras)
         if self.params_.knn_index != "exact":
             if "knn_index_" not in arrays or "knn_index_sha256" not in extras:
                 raise ModelError(f"model has knn_index: {self.params_.knn_index} but no saved index (arrays.npz: knn_index_)")

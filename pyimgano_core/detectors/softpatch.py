@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..errors import DataError
 from .base import register_detector
@@ -70,6 +70,14 @@ class SoftPatchParams(CNNPatchParams):
         "outlier weight (the paper's soft re-weighting); False = hard filtering only (the reference's --without_soft_weight)")
     noise_projection_dim: int = Field(
         128, ge=1, description="random projection of the patch features used by the noise discriminator")
+
+    @model_validator(mode="after")
+    def _one_bank(self):
+        # the noise scores, their cut and the soft weights are statistics of one memory bank
+        if self.tiling is not None and self.tiling.bank == "per_tile":
+            raise ValueError("tiling.bank: per_tile is not supported by softpatch (its noise filtering is per memory bank); "
+                             "use tiling.bank: shared")
+        return self
 
 
 # ---------------------------------------------------------------------------- noise scoring

@@ -6,6 +6,7 @@ at the model input size together with that box, and the engine maps them back.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -107,3 +108,20 @@ def map_to_original(amap: np.ndarray, orig_hw: tuple[int, int], box) -> tuple[np
     if amap.shape != (y1 - y0, x1 - x0):
         amap = cv2.resize(amap.astype(np.float32, copy=False), (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
     return amap, (slice(y0, y1), slice(x0, x1))
+
+
+def auto_input_hw(sizes, pixel_budget: int, multiple: int) -> tuple[tuple[int, int], float]:
+    """``image_size: auto``: a fixed model input (h, w) from the images' sizes and a pixel budget.
+
+    The aspect ratio is the median of ``w / h`` over ``sizes`` (so the order of the images and a
+    few odd ones do not matter); ``h * w`` is about ``pixel_budget``, each side rounded to the
+    nearest multiple of ``multiple`` (the backbone's largest stride, so every tap's grid is
+    whole), at least one multiple. Returns ((h, w), median aspect).
+    """
+    hw = np.asarray(list(sizes), dtype=np.float64).reshape(-1, 2)
+    if not len(hw):
+        raise ValueError("image_size auto needs at least one image size")
+    aspect = float(np.median(hw[:, 1] / hw[:, 0]))
+    h = math.sqrt(pixel_budget / aspect)
+    side = lambda v: max(multiple, int(round(v / multiple)) * multiple)  # noqa: E731
+    return (side(h), side(h * aspect)), aspect
