@@ -119,3 +119,27 @@ def test_auto_config_rules():
     with pytest.raises(ConfigError, match=r"detector\.params\.image_size"):
         validate_config(_config({"image_size": "autom"}))
     assert math.isclose(PatchCore.Params.model_fields["pixel_budget"].default, 224 * 224)
+
+
+def test_auto_sized_model_exports_to_onnx_with_parity(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from pyimgano_core.calibration import fit_thresholds
+    from pyimgano_core.deploy.onnx_export import export_onnx
+    from pyimgano_core.infer import load_model
+    from tests.synth import normal_image, write_image
+
+    rng = np.random.default_rng(0)
+    paths = [write_image(tmp_path / f"{i}.png", normal_image(rng, (40, 90 + 4 * i))) for i in range(6)]
+    det = PatchCore(backbone="mobilenet_v2", layers=["features.3", "features.6"], weights=None, image_size="auto",
+                    pixel_budget=48 * 96, coreset_ratio=0.5, pretrain_embed_dim=40, target_embed_dim=32).fit(paths[:3])
+    assert det.image_size_ == (48, 104)  # median w/h 94/40 = 2.35: sqrt(4608 / 2.35) = 44.3 -> 48, 104.1 -> 104 (stride 8)
+    pred = det.predict(paths[3:])
+    model = Model(det, meta={"holdout": [str(p) for p in paths[3:]]})
+    model.thresholds = fit_thresholds(pred.scores, list(pred.maps), 0.9, 0.99)
+    info = export_onnx(model.save(tmp_path / "m"))
+    assert info["input_hw"] == [48, 104] and list(info["geometry"]["size"]) == [48, 104]
+    assert info["parity"]["max_score_rel_diff"] <= 1e-4 and info["parity"]["max_map_rel_diff"] <= 1e-4
+    probe = write_image(tmp_path / "probe.png", normal_image(np.random.default_rng(5), (50, 70)))
+    a, b = load_model(tmp_path / "m").predict(probe), load_model(tmp_path / "m", runtime="onnx").predict(probe)
+    assert abs(a.score - b.score) <= 1e-4 * abs(a.score)
