@@ -69,7 +69,7 @@ def config_for(config: str, params: dict, removed: tuple, out: Path) -> dict:
     # a seeded random subset of the training images (the same for every case of a dataset): what the
     # shared 2-core machine affords for native-resolution tiles; the test split is complete
     data["dataset"].update(shots=SHOTS[config], shots_protocol="random")
-    data.setdefault("output", {})["root"] = str(out)
+    data.setdefault("output", {}).update(root=str(out), html=False)  # the HTML page is not what is measured
     return data
 
 
