@@ -27,7 +27,8 @@ def _pixel_size(name: str) -> Callable:
     def rule(p) -> str | None:
         v = getattr(p, name)
         # crop: None = whole image; image_size auto: a fixed size the fit resolved (the detector's geometry)
-        ok = v is None if name == "crop" else v == "auto"
+        # image_size None: tiles (the "tiling" rule gives that refusal its own reason)
+        ok = v is None if name == "crop" else (v == "auto" or (v is None and getattr(p, "tiling", None) is not None))
         ok = ok or isinstance(v, int) or (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, int) for x in v))
         return None if ok else f"{name} {v!r}: the graph takes a fixed pixel size (an int, [h, w] or auto)"
     return rule
