@@ -44,20 +44,26 @@ def variant(image: np.ndarray, i: int) -> np.ndarray:
     return np.clip(out.astype(np.float32) * rng.uniform(0.92, 1.08), 0, 255).astype(np.uint8)
 
 
+def _write_variant(job: tuple[Path, Path, int]) -> None:
+    src, path, i = job
+    cv2.imwrite(str(path), variant(cv2.imread(str(src)), i), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+
+
 def build_train(work: Path, n: int) -> list[Path]:
-    """The first ``n`` training images (written once, reused by later N)."""
+    """The first ``n`` training images (written once, on all cores, and reused by later N)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     originals = sorted((BOTTLE / "train/good").glob("*.png"))
-    out = []
+    out, jobs = [], []
+    (work / "train").mkdir(parents=True, exist_ok=True)
     for i in range(n):
         src = originals[i % len(originals)]
-        if i < len(originals):
-            out.append(src)
-            continue
-        path = work / "train" / f"{i:05d}.png"
+        path = src if i < len(originals) else work / "train" / f"{i:05d}.png"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(path), variant(cv2.imread(str(src)), i), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            jobs.append((src, path, i))
         out.append(path)
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(_write_variant, jobs, chunksize=16))
     return out
 
 
@@ -79,7 +85,7 @@ def run_one(work: Path, n: int, ratio: float, method: str, chunk_points: int) ->
     write_manifest(manifest, train)
     cfg = yaml.safe_load((REPO / "configs/mvtec_patchcore_mobilenet.yaml").read_text())
     cfg["name"] = f"scale_{n}_{ratio}_{method}_{chunk_points}"
-    cfg["dataset"] = {"type": "manifest", "path": str(manifest), "category": "bottle"}
+    cfg["dataset"] = {"type": "manifest", "path": str(manifest), "category": "bottle", "allow_outside_root": True}
     cfg["detector"]["params"].update(coreset_ratio=ratio, coreset_method=method, coreset_chunk_points=chunk_points, spill_dir=str(work),
                                      weights=str(REPO.parent / "shared/weights/mobilenet_v2-b0353104.pth"))
     cfg["output"] = {"root": str(work / "reports")}
