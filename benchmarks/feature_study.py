@@ -220,10 +220,18 @@ def summarize(out_dir: Path) -> dict:
                           "image_auroc": r["image_auroc"][rule], "loo_mean": float(np.mean(list(loo.values()))),
                           "loo_min": float(min(loo.values())), "loo_worst_type": min(loo, key=loo.get),
                           "pixel_auroc": r["pixel_auroc"], "aupro": r["aupro"], "fit_s": r["fit_s"]})
-    slim = [{k: v for k, v in r.items() if k not in ("protocol",)} | {"protocol": {
+    slim = [{k: v for k, v in r.items() if k not in ("protocol", "loo_image_auroc")} | {"protocol": {
         k: r["protocol"].get(k) for k in ("patch_features", "image_score", "model_input", "few_shot", "map_resolution")}}
         for r in runs]
-    return {"runs": slim, "table": table}
+    return _rounded({"runs": slim, "table": table})
+
+
+def _rounded(x):
+    if isinstance(x, float):
+        return round(x, 4)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    return [_rounded(v) for v in x] if isinstance(x, list) else x
 
 
 def markdown(summary: dict) -> str:
@@ -284,7 +292,7 @@ def main() -> None:
     summary = summarize(args.out)
     write_json(args.out / "summary.json", summary)
     if args.report:
-        write_json(ROOT / "reports/feature_study.json", summary)
+        (ROOT / "reports/feature_study.json").write_text(json.dumps(summary, separators=(",", ":")) + "\n")
         (ROOT / "reports/feature_study.md").write_text(markdown(summary))
 
 
