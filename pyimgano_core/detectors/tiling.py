@@ -290,7 +290,7 @@ def predict_tiled(det, images: list) -> Prediction:
             if st.complete:
                 stitched = open_.pop(o).result()
                 maps[o] = upsample(stitched[None], stitched.shape, p.blur_sigma)[0]
-                scores[o] = aggregate(stitched[None], p.aggregation, p.topk_ratio, None, maps[o][None])[0]
+                scores[o] = aggregate(stitched[None], p.aggregation, p.topk_ratio, p.topk, maps[o][None])[0]
                 hws[o] = st.grid.orig_hw
         timing["search_s"] += t1 - t0
         timing["maps_s"] += time.perf_counter() - t1
