@@ -48,3 +48,19 @@ class PyramidEmbedder:
             std = (F.avg_pool2d(pixels * pixels, s) - mean * mean).clamp_min(0).sqrt()
             out.append(torch.cat([mean, std * 4], 1))
         return out
+
+
+def run_cli(*args):
+    """``pyimgano ARGS`` in-process (typer's CliRunner), every argument as a string."""
+    from typer.testing import CliRunner
+
+    from pyimgano_cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def small_mvtec_tree(tmp_path_factory) -> Path:
+    """A tiny synthetic MVTec-like tree (6 train, 2 good test images) for CLI round trips."""
+    from tests.synth import make_mvtec_tree
+
+    return make_mvtec_tree(tmp_path_factory.mktemp("data"), n_train=6, n_test_good=2)

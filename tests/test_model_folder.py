@@ -9,24 +9,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from typer.testing import CliRunner
 
-from pyimgano_cli.app import app
 from pyimgano_core.errors import ModelError
 from pyimgano_core.model import Model
-from tests.helpers import TINY_CNN, write_config
-from tests.synth import make_mvtec_tree
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
+from tests.helpers import run_cli as run, small_mvtec_tree, TINY_CNN, write_config
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
-    return make_mvtec_tree(tmp_path_factory.mktemp("data"), n_train=6, n_test_good=2)
+    return small_mvtec_tree(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ Example
 """
 from __future__ import annotations
 
-import time
 from typing import Literal, Sequence
 
 import cv2
@@ -31,7 +30,6 @@ from pydantic import Field, model_validator
 from ..features.geometry import Geometry
 from ..features.vit import build_embedder, parse_backbone
 from .base import register_detector
-from ..features.store import FeatureStore
 from .patchknn import Aggregation, PatchKNNDetector, PatchKNNParams, upsample
 
 ROTATION_ANGLES = (0, 45, 90, 135, 180, 225, 270, 315)  # the reference code's augmentation
@@ -197,15 +195,7 @@ class FoundationPatchKNN(PatchKNNDetector):
             flat = flat[self._batch_fg.ravel()] if p.mask_reference and self._batch_fg is not None else flat
             return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
 
-        with FeatureStore(p.spill_dir) as store:
-            self._spill(refs, store, transform=rows)
-            t0 = time.perf_counter()
-            self._build_memory(store, None)
-            self.timing_["memory_s"] = time.perf_counter() - t0
-            self.n_train_patches_ = int(len(store))
-            self.timing_["spill"] = store.describe()
-        self.timing_["spill"]["removed"] = store.removed
-        self._index = None
+        self._fit_spilled(refs, transform=rows)
 
     def _build_memory(self, features, grid_hw) -> None:
         """Memory of the (already L2-normalised) reference patches, optionally subsampled."""

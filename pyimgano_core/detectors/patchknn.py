@@ -225,8 +225,12 @@ class PatchKNNDetector(Detector):
             fit_per_tile(self, images, grids)
             self._index = self._tile_index = None
             return
+        self._fit_spilled(images, n_inputs=n_inputs)
+
+    def _fit_spilled(self, images, transform=None, n_inputs: int | None = None) -> None:
+        """Spill the training features (``_spill``), build the memory bank from them, remove the spill."""
         with FeatureStore(self.params_.spill_dir) as store:
-            grid_hw = self._spill(images, store, n_inputs=n_inputs)
+            grid_hw = self._spill(images, store, transform=transform, n_inputs=n_inputs)
             self._check_index_fits(len(store))
             t0 = time.perf_counter()
             self._build_memory(store, grid_hw)
