@@ -107,7 +107,7 @@ def run_one(work: Path, n: int, ratio: float, method: str, chunk_points: int) ->
         "n_images": n, "coreset_ratio": ratio, "coreset_method": method,
         "chunk_points": chunk_points if method == "chunked" else None, "chunks": d.get("coreset_chunks"), "patches": d.get("spill", {}).get("rows"),
         "fit_s": round(t["fit_s"], 1), "features_s": round(features, 1), "coreset_s": round(coreset, 1),
-        "rest_s": round(t["fit_s"] - features - coreset, 1), "touched_fraction": d.get("coreset_touched_fraction"),
+        "rest_s": round(t["fit_s"] - features - coreset, 1), "exact_fraction": d.get("coreset_exact_fraction"),
         "expected_peak_gib": d.get("estimate", {}).get("expected_peak_gib"),
         "peak_rss_gib": round(t["peak_rss_mb"] / 1024, 2), "run_wall_s": round(wall, 1),
         "image_auroc": round(m["image_auroc"], 3), "pixel_auroc": round(m["pixel_auroc"], 3), "aupro": round(m["aupro"], 3),
@@ -125,10 +125,10 @@ def write_reports(out: Path, rows: list[dict]) -> None:
              "`python benchmarks/bench_scale.py --n N --ratio R --method M`: README PatchCore config (MobileNetV2, 224 squash);",
              "training = the 209 real images + rotated/shifted/brightness variants; 2 shared CPU cores (load average",
              "at the end of each run given: timings are noisy, accuracy is not). Peak RSS is the whole eval process.", "",
-             "| N | coreset | method (chunks) | patches | fit s | features s | coreset s | rest s | touched | peak RSS GiB | image AUROC | pixel AUROC | AUPRO | load |",
+             "| N | coreset | method (chunks) | patches | fit s | features s | coreset s | rest s | exact share | peak RSS GiB | image AUROC | pixel AUROC | AUPRO | load |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in allrows:
-        tf = "-" if r["touched_fraction"] is None else f"{r['touched_fraction']:.4f}"
+        tf = "-" if r.get("exact_fraction") is None else f"{r['exact_fraction']:.4f}"
         chunks = "" if r.get("chunks") in (1, None) else f" ({r['chunks']})"
         lines.append(f"| {r['n_images']} | {r['coreset_ratio']:.0%} | {r['coreset_method']}{chunks} | {r['patches']:,} | {r['fit_s']} | "
                      f"{r['features_s']} | {r['coreset_s']} | {r['rest_s']} | {tf} | {r['peak_rss_gib']} | "
