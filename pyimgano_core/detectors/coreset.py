@@ -45,6 +45,7 @@ _ROWS = 1 << 14  # rows per read of full-dimension features (bounded memory for 
 _BATCH = 512  # pending picks applied to all points in one matrix product
 _POOL = 4096  # points with the largest stored distances kept current pick by pick
 _BLOCK = 8192  # rows per block of that product: [8192 x 512] float32 is 16 MB
+_PAIRS = 1 << 16  # (row, pick) pairs per float64 distance step: 128 MB at 128-d
 
 
 def projection_matrix(dim_in: int, dim: int, rng: np.random.Generator) -> np.ndarray | None:
@@ -103,18 +104,24 @@ class _Batched:
         c = x[centers]
         ct = np.ascontiguousarray(c.T)
         u = (sq[centers] * (1.0 - err)).astype(np.float32)
+        band = float(2.0 * err * sq[centers].max())
         for s in range(0, len(x), _BLOCK):
             e = min(len(x), s + _BLOCK)
-            # screen: skip (row, pick) when |x|^2 - 2 x.c + |c|^2 - slack >= min_d, i.e. when
-            # -2 x.c + |c|^2 (1 - err) >= min_d (1 + margin) - |x|^2 (1 - err)
+            # float32 screen h = -2 x.c + |c|^2 (1 - err): a pair's float64 distance lies within
+            # h + |x|^2 (1 - err) (lower) and h + |x|^2 (1 + err) + band (upper). Only pairs whose
+            # lower bound is below both the stored distance and the row's best upper bound can
+            # set the new minimum, so few pairs per row need the float64 distance.
             h = x[s:e] @ ct
             h *= -2.0
             h += u
-            t = (self.min_d[s:e] * (1.0 + _MARGIN) - sq[s:e] * (1.0 - err)).astype(np.float32)
+            xs = sq[s:e].astype(np.float64)
+            best = (h.min(1) + xs * (1.0 + err) + band) * (1.0 + _MARGIN)
+            t = (np.minimum(self.min_d[s:e] * (1.0 + _MARGIN), best) - xs * (1.0 - err)).astype(np.float32)
             r, k = np.nonzero(h < t[:, None])
-            if len(r):
-                self.exact_pairs += len(r)
-                np.minimum.at(self.min_d, s + r, _sqdist(x[s + r], c[k].astype(np.float64)))
+            self.exact_pairs += len(r)
+            for q in range(0, len(r), _PAIRS):  # bounded memory however many pairs pass
+                rq, kq = s + r[q : q + _PAIRS], k[q : q + _PAIRS]
+                np.minimum.at(self.min_d, rq, _sqdist(x[rq], c[kq].astype(np.float64)))
 
     def pool(self) -> tuple[np.ndarray, float]:
         """Row indices (ascending) of the ``_POOL`` largest stored distances, and the largest outside."""
