@@ -73,16 +73,22 @@ def test_greedy_coreset_is_seeded_projection_then_plain_greedy(sizes):
     assert sub.tolist() == plain_greedy(f[rows] @ proj, 100, int(r.integers(len(rows))))
 
 
-def test_chunked_coreset_is_exact_per_chunk():
+def test_chunked_coreset_is_exact_greedy_over_the_chunks_overpicks():
     rng = np.random.default_rng(3)
     f = rng.standard_normal((5000, 8)).astype(np.float32)
+    f[3333:] *= 3  # a more spread-out last chunk: the union's greedy gives it more than its share
     stats: dict = {}
     picks = greedy_coreset(f, 500, proj_dim=0, seed=1, method="chunked", chunk_points=2000, stats=stats)
     assert stats["coreset_chunks"] == 3 and len(picks) == 500 and len(set(picks.tolist())) == 500
     r = np.random.default_rng(1)
     r.integers(5000)  # the unused whole-set first pick keeps the exact method's stream
-    for s, e, got in ((0, 1667, picks[:167]), (1667, 3333, picks[167:333]), (3333, 5000, picks[333:])):
-        assert got.tolist() == [s + i for i in plain_greedy(f[s:e], len(got), int(r.integers(e - s)))]
+    union = []
+    for s, e in ((0, 1667), (1667, 3333), (3333, 5000)):  # twice each chunk's share: ceil(2 * 500 * size / 5000)
+        union += [s + i for i in plain_greedy(f[s:e], 334, int(r.integers(e - s)))]
+    union = np.array(union)
+    expected = union[plain_greedy(f[union], 500, int(r.integers(len(union))))]
+    assert picks.tolist() == expected.tolist()
+    assert (picks >= 3333).sum() > 500 / 3 + 50
     # one chunk = the exact method
     np.testing.assert_array_equal(greedy_coreset(f, 50, 0, 1, method="chunked", chunk_points=10_000),
                                   greedy_coreset(f, 50, 0, 1))

@@ -74,7 +74,7 @@ class FoundationPatchParams(PatchKNNParams):
     coreset_ratio: float = Field(1.0, gt=0, le=1, description="share of reference patches kept in memory (1 = all, as the paper)")
     coreset_method: Literal["greedy", "chunked", "random"] = Field(
         "greedy", description="greedy: exact greedy k-center; chunked: exact greedy per chunk of coreset_chunk_points "
-        "patches, union of the chunks (approximate, linear cost); random: a seeded random subset")
+        "patches at twice its share, then over their union (approximate, linear cost); random: a seeded random subset")
     coreset_projection_dim: int = Field(128, ge=1, description="random projection used by the greedy coreset")
     coreset_chunk_points: int = Field(200_000, ge=1000, description="patches per chunk of the chunked coreset")
 

@@ -24,11 +24,13 @@ for a row whichever subset it is computed in (the expanded ``|x|^2 - 2x.c + |c|^
 is not: its kernels round the remainder rows of a block differently), so the batched run and a
 plain loop see identical numbers. float32 forms are used only as filters.
 
-``method="chunked"`` is an approximation for very large training sets: the points are split
-into consecutive chunks (training images in order) of at most ``chunk_points`` and each
-chunk gets its exact greedy coreset with the same share of picks; the union is returned. Cost
-grows linearly with the number of chunks instead of quadratically with the training set, and
-only one chunk's projection is in memory at a time.
+``method="chunked"`` is an approximation for very large training sets (two levels, as composable
+k-center coresets, Indyk et al. 2014): the points are split into consecutive chunks (training
+images in order) of at most ``chunk_points``; each chunk gets its exact greedy coreset with twice
+its share of the picks, and the exact greedy over the union of those picks chooses the final
+``n``, so a diverse chunk still gets more of the memory bank than a uniform one. Cost grows
+linearly with the number of chunks (plus the union's greedy) instead of quadratically with the
+training set, and only one chunk's projection is in memory at a time.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ _ROWS = 1 << 14  # rows per read of full-dimension features (bounded memory for 
 _BATCH = 512  # pending picks applied to all points in one matrix product
 _POOL = 4096  # points with the largest stored distances kept current pick by pick
 _BLOCK = 8192  # rows per block of that product: [8192 x 512] float32 is 16 MB
+_OVERPICK = 2  # chunked: each chunk's greedy picks this many times its share of the coreset
 _PAIRS = 1 << 16  # (row, pick) pairs per float64 distance step: 128 MB at 128-d
 
 
@@ -197,18 +200,22 @@ def greedy_coreset(features, n: int, proj_dim: int = 128, seed: int = 0, method:
         chunks = -(-N // chunk_points)
         bounds = np.linspace(0, N, chunks + 1).round().astype(np.int64)
         sizes = np.diff(bounds)
-        quota = np.floor(n * sizes / N).astype(np.int64)  # largest remainders get the leftovers
-        quota[np.argsort(-(n * sizes / N - quota), kind="stable")[: n - quota.sum()]] += 1
-        out, exact, batches, done = [], 0.0, 0, 0
-        for s, e, q in zip(bounds[:-1], bounds[1:], quota):
+        share = np.minimum(np.ceil(_OVERPICK * n * sizes / N).astype(np.int64), sizes)
+        union, zs, done, batches = [], [], 0, 0
+        total = int(share.sum()) + n
+        for s, e, q in zip(bounds[:-1], bounds[1:], share):
             sub = np.arange(s, e) if rows is None else rows[s:e]
-            report = None if progress is None else (lambda i, _t, d=done: progress(d + i, n))
-            p, st = kcenter(project_rows(features, sub, proj), q, int(rng.integers(e - s)), report)
-            out.append(p + s)
-            exact += st["exact_fraction"] * q
+            report = None if progress is None else (lambda i, _t, d=done: progress(d + i, total))
+            z = project_rows(features, sub, proj)
+            p, st = kcenter(z, int(q), int(rng.integers(e - s)), report)
+            union.append(p + s)
+            zs.append(z[p])
             batches += st["batches"]
             done += int(q)
-        picks, st = np.concatenate(out), {"exact_fraction": exact / max(n, 1), "batches": batches}
+        union = np.concatenate(union)
+        report = None if progress is None else (lambda i, _t: progress(done + i, total))
+        final, st = kcenter(np.concatenate(zs), n, int(rng.integers(len(union))), report)
+        picks, st = union[final], {"exact_fraction": st["exact_fraction"], "batches": batches + st["batches"]}
     else:
         raise ValueError(f"coreset method must be exact or chunked; got {method!r}")
     if stats is not None:

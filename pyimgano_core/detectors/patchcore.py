@@ -67,7 +67,8 @@ class CNNPatchParams(PatchKNNParams):
     coreset_projection_dim: int = Field(128, ge=1, description="random projection used by the coreset search")
     coreset_method: Literal["greedy", "chunked"] = Field(
         "greedy", description="greedy: exact greedy k-center (the paper's picks); chunked: exact greedy per chunk of "
-        "coreset_chunk_points patches (training images in order), union of the chunks (approximate, linear cost)")
+        "coreset_chunk_points patches (training images in order) at twice its share, then the exact greedy over "
+        "their union (approximate, linear cost)")
     coreset_chunk_points: int = Field(200_000, ge=1000, description="patches per chunk of the chunked coreset")
     # -- how images become model inputs: image_size auto, or tiles (detectors/tiling.py) -------------
     pixel_budget: int = Field(224 * 224, ge=1, le=MAX_SIDE * MAX_SIDE,
