@@ -112,6 +112,7 @@ def run_one(work: Path, n: int, ratio: float, method: str, chunk_points: int) ->
         "peak_rss_gib": round(t["peak_rss_mb"] / 1024, 2), "run_wall_s": round(wall, 1),
         "image_auroc": round(m["image_auroc"], 3), "pixel_auroc": round(m["pixel_auroc"], 3), "aupro": round(m["aupro"], 3),
         "load_average_1min": round(os.getloadavg()[0], 1),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
     }
 
 
@@ -125,14 +126,14 @@ def write_reports(out: Path, rows: list[dict]) -> None:
              "`python benchmarks/bench_scale.py --n N --ratio R --method M`: README PatchCore config (MobileNetV2, 224 squash);",
              "training = the 209 real images + rotated/shifted/brightness variants; 2 shared CPU cores (load average",
              "at the end of each run given: timings are noisy, accuracy is not). Peak RSS is the whole eval process.", "",
-             "| N | coreset | method (chunks) | patches | fit s | features s | coreset s | rest s | exact share | peak RSS GiB | image AUROC | pixel AUROC | AUPRO | load |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| N | coreset | method (chunks) | patches | fit s | features s | coreset s | rest s | exact share | peak RSS GiB | image AUROC | pixel AUROC | AUPRO | load | commit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in allrows:
         tf = "-" if r.get("exact_fraction") is None else f"{r['exact_fraction']:.4f}"
         chunks = "" if r.get("chunks") in (1, None) else f" ({r['chunks']})"
         lines.append(f"| {r['n_images']} | {r['coreset_ratio']:.0%} | {r['coreset_method']}{chunks} | {r['patches']:,} | {r['fit_s']} | "
                      f"{r['features_s']} | {r['coreset_s']} | {r['rest_s']} | {tf} | {r['peak_rss_gib']} | "
-                     f"{r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['load_average_1min']} |")
+                     f"{r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['load_average_1min']} | {r.get('commit', '-')} |")
     (out / "scale.md").write_text("\n".join(lines) + "\n")
 
 
