@@ -273,7 +273,8 @@ class PatchKNNDetector(Detector):
         """Bytes of the fit's large arrays by stage (the memory bank, the coreset search).
 
         Full training features are never all in memory (they are spilled); the coreset keeps
-        its float32 projection plus ~94 bytes of search state per candidate patch.
+        its float32 projection plus 12 bytes of search state per candidate patch, and ~200 MB of
+        fixed work space (``coreset._BLOCK`` x ``_BATCH`` products, ``_PAIRS`` float64 rows).
         """
         p = self.params_
         ratio = getattr(p, "coreset_ratio", 1.0)
@@ -282,7 +283,8 @@ class PatchKNNDetector(Detector):
         if ratio < 1 and getattr(p, "coreset_method", "greedy") != "random":
             proj = min(getattr(p, "coreset_projection_dim", dim), dim)
             pts = n_patches if getattr(p, "coreset_method", "greedy") != "chunked" else min(n_patches, p.coreset_chunk_points)
-            needs["coreset_search"] = pts * (proj * 4 + 94) + picks * (proj * 4 + 4)
+            union = 2 * picks * proj * 4 if getattr(p, "coreset_method", "greedy") == "chunked" else 0
+            needs["coreset_search"] = pts * (proj * 4 + 12) + union + (200 << 20)
         return needs
 
     def _check_memory(self, n_patches: int, dim: int) -> dict:
