@@ -123,3 +123,14 @@ def test_even_patch_size_on_a_one_pixel_feature_map_is_a_config_error():
     fx = FeatureExtractor("resnet18", ["layer2"], weights=None)
     with pytest.raises(ConfigError, match="patch_size=2"):  # a 1x1 map has no 2x2 neighbourhood
         LocalPatchEmbedder(fx, patch_size=2, pretrain_dim=16, target_dim=16)(torch.rand(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("length,out", [(288, 1024), (864, 1024), (2048, 1024), (96, 64), (7, 3), (3, 7), (100, 3), (5, 5)])
+def test_channel_pooling_equals_adaptive_avg_pool1d(length, out):
+    """The gather form of the reference's adaptive pooling (patch_embed.py) gives torch's numbers."""
+    from pyimgano_core.features.patch_embed import adaptive_avg_pool_channels
+
+    x = torch.randn(2, length, 5, 6)
+    ref = F.adaptive_avg_pool1d(x.permute(0, 2, 3, 1).reshape(-1, 1, length), out).reshape(2, 5, 6, out)
+    ours = adaptive_avg_pool_channels(x, out).permute(0, 2, 3, 1)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
