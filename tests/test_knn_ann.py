@@ -59,11 +59,63 @@ def test_exhaustive_settings_equal_exact_search(metric):
     bank, q = _clustered(rng, 800), _clustered(rng, 200)
     de, ie = KNNIndex(metric).fit(bank).search(q, k=2)
     # IVF visiting every list is an exhaustive scan; HNSW with a candidate list >= the bank too
+    # pca_ivf with pca_dim = D (a rotation), every list visited and the whole bank re-ranked: exhaustive too
     for idx in (KNNIndex(metric, kind="ivf", ivf_nlist=8, ivf_nprobe=8),
-                KNNIndex(metric, kind="hnsw", hnsw_ef_search=1024)):
+                KNNIndex(metric, kind="hnsw", hnsw_ef_search=1024),
+                KNNIndex(metric, kind="pca_ivf", pca_dim=32, ivf_nlist=8, ivf_nprobe=8, rerank_candidates=800)):
         d, i = idx.fit(bank).search(q, k=2)
         np.testing.assert_array_equal(i, ie)
         np.testing.assert_allclose(d, de, rtol=1e-4, atol=1e-4)
+
+
+def _low_rank(rng, n, d=64, rank=8, centers=30):
+    """Features on a low-dimensional subspace plus small noise (patch features are highly redundant)."""
+    basis = np.random.default_rng(99).normal(size=(rank, d))
+    c = np.random.default_rng(98).normal(size=(centers, rank)) * 3
+    z = c[rng.integers(centers, size=n)] + rng.normal(size=(n, rank))
+    return (z @ basis + 0.05 * rng.normal(size=(n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_pca_ivf_candidates_reranked_exactly(metric):
+    """Coarse search in 16 PCA dimensions, exact re-rank in 64: recall, exact distances, over-estimates only."""
+    rng = np.random.default_rng(5)
+    bank, q = _low_rank(rng, 4000), _low_rank(rng, 300)
+    ref = _brute(bank, q, metric)
+    idx = KNNIndex(metric, kind="pca_ivf", pca_dim=16, ivf_nlist=32, ivf_nprobe=8, rerank_candidates=16).fit(bank)
+    d, i = idx.search(q, k=2)
+    assert d.shape == i.shape == (300, 2) and d.dtype == np.float32 and i.dtype == np.int64
+    assert np.mean(i[:, 0] == ref.argmin(1)) >= 0.95
+    np.testing.assert_allclose(d, np.take_along_axis(ref, i, 1), rtol=1e-4, atol=1e-4)  # exact for the entry returned
+    assert (d[:, 0] >= ref.min(1) - 1e-4).all() and (np.diff(d, axis=1) >= -1e-6).all()
+    raw, sha = idx.to_array()  # the faiss way (PCA + IVF in one blob), restored identically
+    again = KNNIndex(metric, kind="pca_ivf", pca_dim=16, ivf_nlist=32, ivf_nprobe=8, rerank_candidates=16).load_array(bank, raw, sha)
+    d2, i2 = again.search(q, k=2)
+    np.testing.assert_array_equal(i2, i)
+    np.testing.assert_array_equal(d2, d)
+
+
+def test_pca_ivf_saved_index_checks():
+    rng = np.random.default_rng(6)
+    bank = _low_rank(rng, 600)
+    raw, sha = KNNIndex(kind="pca_ivf", pca_dim=16, ivf_nlist=4, ivf_nprobe=2).fit(bank).to_array()
+    bad = raw.copy()
+    bad[len(bad) // 2] ^= 0xFF
+    with pytest.raises(ModelError, match="corrupt"):
+        KNNIndex(kind="pca_ivf", pca_dim=16, ivf_nlist=4, ivf_nprobe=2).load_array(bank, bad, sha)
+    with pytest.raises(ModelError, match="expected a IndexPreTransform"):  # an ivf blob is not a pca_ivf index
+        raw_ivf, sha_ivf = KNNIndex(kind="ivf", ivf_nlist=4, ivf_nprobe=2).fit(bank).to_array()
+        KNNIndex(kind="pca_ivf", pca_dim=16, ivf_nlist=4, ivf_nprobe=2).load_array(bank, raw_ivf, sha_ivf)
+    with pytest.raises(ModelError, match="expected"):  # saved with another pca_dim
+        KNNIndex(kind="pca_ivf", pca_dim=8, ivf_nlist=4, ivf_nprobe=2).load_array(bank, raw, sha)
+
+
+def test_pca_ivf_sizes_beyond_the_bank_are_config_errors():
+    bank = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    with pytest.raises(ConfigError, match=r"detector\.params\.pca_dim=16 .* 8 feature dimensions"):
+        KNNIndex(kind="pca_ivf", pca_dim=16, ivf_nlist=2, ivf_nprobe=1).fit(bank)
+    with pytest.raises(ConfigError, match=r"detector\.params\.rerank_candidates=64 .* 50 memory entries"):
+        KNNIndex(kind="pca_ivf", pca_dim=4, ivf_nlist=2, ivf_nprobe=1, rerank_candidates=64).fit(bank)
 
 
 def test_ivf_rows_missing_neighbours_fall_back_to_exact():
@@ -98,7 +150,8 @@ def _images(seed=3):
     return train, test
 
 
-@pytest.mark.parametrize("kw", [dict(knn_index="hnsw", hnsw_ef_search=512), dict(knn_index="ivf", ivf_nlist=4, ivf_nprobe=4)])
+@pytest.mark.parametrize("kw", [dict(knn_index="hnsw", hnsw_ef_search=512), dict(knn_index="ivf", ivf_nlist=4, ivf_nprobe=4),
+                                dict(knn_index="pca_ivf", ivf_nlist=4, ivf_nprobe=4, pca_dim=27, rerank_candidates=300)])
 def test_detector_exhaustive_approximate_scores_like_exact_and_save_load(kw, tmp_path):
     train, test = _images()
     exact = _detector().fit(train).predict(test)
@@ -128,6 +181,10 @@ def test_ivf_nlist_beyond_training_patches_fails_before_the_memory_bank():
     ({"knn_index": "hnsw", "ivf_nprobe": 4}, "ivf_nprobe only applies to knn_index: ivf"),
     ({"knn_index": "hnsw", "hnsw_ef_search": 0}, "hnsw_ef_search"),
     ({"knn_index": "annoy"}, "knn_index"),
+    ({"knn_index": "ivf", "pca_dim": 32}, "pca_dim only applies to knn_index: pca_ivf"),
+    ({"knn_index": "pca_ivf", "rerank_candidates": 0}, "rerank_candidates"),
+    ({"knn_index": "pca_ivf", "pca_dim": 0}, "pca_dim"),
+    ({"knn_index": "pca_ivf", "ivf_nlist": 4, "ivf_nprobe": 8}, "ivf_nprobe=8"),
 ])
 def test_bad_index_parameters_are_config_errors_naming_the_field(params, field):
     cfg = {"name": "t", "dataset": {"type": "mvtec_ad", "root": ".", "category": "bottle"},

@@ -51,6 +51,7 @@ _PATCH_KNN: dict[str, Rule] = {
     "knn_index": ("exact",),
     # search parameters of approximate indexes: PatchKNNParams forces their defaults unless knn_index uses them
     "hnsw_m": ANY, "hnsw_ef_construction": ANY, "hnsw_ef_search": ANY, "ivf_nlist": ANY, "ivf_nprobe": ANY,
+    "pca_dim": ANY, "rerank_candidates": ANY,
     "batch_size": ANY, "device": ANY, "seed": ANY, "max_memory_gb": ANY, "spill_dir": ANY,
 }
 _CORESET = {"coreset_ratio": ANY, "coreset_projection_dim": ANY, "coreset_method": ANY, "coreset_chunk_points": ANY}

@@ -3,7 +3,12 @@
 ``KNNIndex(metric, backend, device, kind)``: ``kind="exact"`` scans the whole bank (torch
 matrix products, or faiss ``IndexFlat*``); ``"hnsw"`` (Malkov & Yashunin 2018, faiss
 ``IndexHNSWFlat``) and ``"ivf"`` (inverted file over k-means lists, faiss ``IndexIVFFlat``) only
-visit part of the bank, so search cost grows sub-linearly with its size. An approximate neighbour
+visit part of the bank, so search cost grows sub-linearly with its size. ``"pca_ivf"`` is a
+two-stage search: an IVF index over the bank projected by PCA to ``pca_dim`` dimensions (faiss
+``PCAMatrix`` + ``IndexIVFFlat`` in one ``IndexPreTransform``) proposes ``rerank_candidates``
+entries per query, which are re-ranked by their exact full-dimensional distance to the query;
+the coarse stage costs ~D / pca_dim times less than IVF-flat, and the index holds only the
+projected bank (the full rows are the memory bank itself). An approximate neighbour
 is a real bank entry, so its distance can only *over*-estimate the true nearest distance (never
 under-estimate); the distances returned are still exact for the entry returned.
 
@@ -26,7 +31,8 @@ from ..errors import ConfigError, ModelError
 from ..optional import require
 
 Metric = Literal["l2", "cosine"]
-IndexKind = Literal["exact", "hnsw", "ivf"]
+IndexKind = Literal["exact", "hnsw", "ivf", "pca_ivf"]
+PCA_TRAIN_ROWS = 65536  # rows (seeded sample) the PCA of pca_ivf is estimated from: D x D covariance, plenty
 
 
 def default_nlist(n_entries: int) -> int:
@@ -48,19 +54,23 @@ class KNNIndex:
         Engine of the exact search (``kind="exact"``); approximate kinds always use faiss.
     device : "cpu" or "cuda"
         Device of the torch exact search.
-    kind : "exact", "hnsw" or "ivf"
+    kind : "exact", "hnsw", "ivf" or "pca_ivf"
     hnsw_m, hnsw_ef_construction, hnsw_ef_search :
         HNSW graph degree, build-time and search-time candidate list sizes.
     ivf_nlist, ivf_nprobe :
-        IVF k-means lists (None: :func:`default_nlist`) and lists visited per query.
+        IVF k-means lists (None: :func:`default_nlist`) and lists visited per query (ivf, pca_ivf).
+    pca_dim, rerank_candidates :
+        pca_ivf: dimensions of the coarse search, and entries per query re-ranked exactly (>= k).
     """
 
     def __init__(self, metric: Metric = "l2", backend: Literal["torch", "faiss"] = "torch", device: str = "cpu",
                  kind: IndexKind = "exact", hnsw_m: int = 32, hnsw_ef_construction: int = 80, hnsw_ef_search: int = 64,
-                 ivf_nlist: int | None = None, ivf_nprobe: int = 8):
+                 ivf_nlist: int | None = None, ivf_nprobe: int = 8, pca_dim: int = 64, rerank_candidates: int = 16,
+                 seed: int = 0):
         self.metric, self.backend, self.device, self.kind = metric, backend, device, kind
         self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search = hnsw_m, hnsw_ef_construction, hnsw_ef_search
         self.ivf_nlist, self.ivf_nprobe = ivf_nlist, ivf_nprobe
+        self.pca_dim, self.rerank_candidates, self.seed = pca_dim, rerank_candidates, seed
 
     # ------------------------------------------------------------------------------ build
     def _prepare(self, bank: np.ndarray) -> np.ndarray:
@@ -98,9 +108,28 @@ class KNNIndex:
                                   f"use at most {M} (or leave it unset: {default_nlist(M)} lists for this bank)")
             if self.ivf_nprobe > nlist:
                 raise ConfigError(f"detector.params.ivf_nprobe={self.ivf_nprobe} is more than the {nlist} IVF lists")
-            self._quantizer = (faiss.IndexFlatL2 if self.metric == "l2" else faiss.IndexFlatIP)(D)  # IVF does not own it
-            index = faiss.IndexIVFFlat(self._quantizer, D, nlist, metric)
+            d = D
+            if self.kind == "pca_ivf":
+                if self.pca_dim > D:
+                    raise ConfigError(f"detector.params.pca_dim={self.pca_dim} is more than the {D} feature dimensions")
+                if self.rerank_candidates > M:
+                    raise ConfigError(f"detector.params.rerank_candidates={self.rerank_candidates} is more than the {M} memory entries")
+                d = self.pca_dim
+                # the PCA centres the rows: only L2 survives that (for unit rows, L2 order = cosine order)
+                metric = faiss.METRIC_L2
+            self._quantizer = (faiss.IndexFlatL2 if metric == faiss.METRIC_L2 else faiss.IndexFlatIP)(d)  # IVF does not own it
+            index = faiss.IndexIVFFlat(self._quantizer, d, nlist, metric)
             index.cp.seed = 1234  # k-means seed (faiss's default, pinned: the lists must not vary)
+            if self.kind == "pca_ivf":
+                # PCA of the (centred) bank, estimated on a seeded sample; the IVF lists live in its space.
+                # Not whitened (eigen_power 0) and not rotated: distances there are the bank's own, projected.
+                self._pca = faiss.PCAMatrix(D, d, 0.0, False)
+                sample = bank
+                if M > PCA_TRAIN_ROWS:
+                    sample = bank[np.sort(np.random.default_rng(self.seed).choice(M, PCA_TRAIN_ROWS, replace=False))]
+                self._pca.train(sample)
+                self._ivf = index  # the python objects own the parts of the chain built here
+                index = faiss.IndexPreTransform(self._pca, index)
             index.train(bank)
         with _faiss_threads(faiss, threads):
             index.add(bank)
@@ -113,6 +142,10 @@ class KNNIndex:
             self._faiss.hnsw.efSearch = self.hnsw_ef_search
         elif self.kind == "ivf":
             self._faiss.nprobe = self.ivf_nprobe
+        elif self.kind == "pca_ivf":
+            faiss = require("faiss", extra="faiss")
+            faiss.extract_index_ivf(self._faiss).nprobe = self.ivf_nprobe
+            self._torch_rows = torch.from_numpy(self._bank)  # the re-rank's view of the bank (no copy)
 
     # ------------------------------------------------------------------------------ persistence
     def to_array(self) -> tuple[np.ndarray, str]:
@@ -138,8 +171,13 @@ class KNNIndex:
         except Exception as exc:  # noqa: BLE001 - faiss raises RuntimeError with a C++ trace
             raise ModelError(f"saved {self.kind} index cannot be read by faiss: {str(exc).splitlines()[0]}") from None
         bank = self._prepare(bank)
-        want = faiss.IndexHNSWFlat if self.kind == "hnsw" else faiss.IndexIVFFlat
-        if not isinstance(index, want) or index.ntotal != len(bank) or index.d != bank.shape[1]:
+        want = {"hnsw": faiss.IndexHNSWFlat, "ivf": faiss.IndexIVFFlat, "pca_ivf": faiss.IndexPreTransform}[self.kind]
+        ok = isinstance(index, want) and index.ntotal == len(bank) and index.d == bank.shape[1]
+        if ok and self.kind == "pca_ivf":  # PCA to pca_dim, then IVF-flat lists in that space
+            inner = faiss.downcast_index(index.index)
+            ok = (index.chain.size() == 1 and isinstance(inner, faiss.IndexIVFFlat) and inner.d == self.pca_dim
+                  and isinstance(faiss.downcast_VectorTransform(index.chain.at(0)), faiss.PCAMatrix))
+        if not ok:
             raise ModelError(f"saved index is a {type(index).__name__} of {index.ntotal}x{index.d}, expected a "
                              f"{want.__name__} over the {len(bank)}x{bank.shape[1]} memory bank")
         self._bank, self._faiss = bank, index
@@ -155,11 +193,38 @@ class KNNIndex:
         if self.metric == "cosine":
             q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         k = min(k, len(self._bank))
+        if self.kind == "pca_ivf":
+            return self._search_rerank(q, k)
         sims, idx = self._faiss.search(q, k)
         missed = np.flatnonzero((idx < 0).any(axis=1))
         if missed.size:  # fewer than k entries in the visited lists/graph: search those rows exactly
             sims[missed], idx[missed] = _exact_numpy(self._bank, q[missed], k, self.metric)
         d = np.sqrt(np.maximum(sims, 0)) if self.metric == "l2" else 1.0 - sims
+        return d.astype(np.float32), idx.astype(np.int64)
+
+    def _search_rerank(self, q: np.ndarray, k: int, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """pca_ivf: candidates from the projected IVF, ordered by their exact full-dimensional distance."""
+        r = max(k, self.rerank_candidates)
+        _, cand = self._faiss.search(q, r)
+        rows, qt = self._torch_rows, torch.from_numpy(q)
+        dists, inds = [], []
+        for s in range(0, len(q), chunk):  # (chunk, r, D) gathered rows: ~32 MB at r=16, D=1024
+            c = torch.from_numpy(cand[s : s + chunk])
+            valid = c >= 0  # -1: the visited lists held fewer than r entries
+            cand_rows = rows.index_select(0, c.clamp(min=0).reshape(-1)).view(len(c), r, -1)
+            if self.metric == "l2":  # direct differences: exact to float rounding for the entry returned
+                d = cand_rows.sub_(qt[s : s + chunk, None, :]).square_().sum(-1).sqrt_()
+            else:
+                d = 1.0 - torch.bmm(cand_rows, qt[s : s + chunk, :, None])[..., 0]
+            d = d.masked_fill_(~valid, float("inf"))
+            v, j = torch.sort(d, dim=1, stable=True)
+            dists.append(v[:, :k])
+            inds.append(torch.gather(c, 1, j[:, :k]))
+        d, idx = torch.cat(dists).numpy(), torch.cat(inds).numpy()
+        missed = np.flatnonzero(~np.isfinite(d).all(axis=1))
+        if missed.size:  # fewer than k candidates: those rows exactly
+            sims, idx[missed] = _exact_numpy(self._bank, q[missed], k, self.metric)
+            d[missed] = np.sqrt(np.maximum(sims, 0)) if self.metric == "l2" else 1.0 - sims
         return d.astype(np.float32), idx.astype(np.int64)
 
     def _search_torch(self, queries, k: int, chunk: int | None):

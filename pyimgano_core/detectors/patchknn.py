@@ -96,13 +96,16 @@ class PatchKNNParams(DetectorParams):
                              "(at most the patches of an image)")
     blur_sigma: float = Field(4.0, ge=0, description="Gaussian sigma (model-input pixels) applied to maps")
     knn_backend: Literal["torch", "faiss"] = Field("torch", description="engine of the exact search (knn_index: exact)")
-    knn_index: IndexKind = Field("exact", description="nearest-neighbour search: exact, or approximate faiss hnsw / ivf "
-                                 "(sub-linear in the bank; can only over-estimate a distance)")
+    knn_index: IndexKind = Field("exact", description="nearest-neighbour search: exact, or approximate faiss hnsw / ivf / "
+                                 "pca_ivf (sub-linear in the bank; can only over-estimate a distance)")
     hnsw_m: int = Field(32, ge=4, le=256, description="hnsw: graph links per entry")
     hnsw_ef_construction: int = Field(80, ge=8, le=4096, description="hnsw: candidate list size while building")
     hnsw_ef_search: int = Field(64, ge=1, le=4096, description="hnsw: candidate list size per query (recall vs time)")
-    ivf_nlist: int | None = Field(None, ge=1, description="ivf: k-means lists (None: 4*sqrt(entries)); at most the entries")
-    ivf_nprobe: int = Field(8, ge=1, description="ivf: lists visited per query (recall vs time); at most ivf_nlist")
+    ivf_nlist: int | None = Field(None, ge=1, description="ivf, pca_ivf: k-means lists (None: 4*sqrt(entries)); at most the entries")
+    ivf_nprobe: int = Field(8, ge=1, description="ivf, pca_ivf: lists visited per query (recall vs time); at most ivf_nlist")
+    pca_dim: int = Field(64, ge=1, description="pca_ivf: dimensions of the coarse (candidate) search; at most the feature dimension")
+    rerank_candidates: int = Field(16, ge=1, le=4096, description="pca_ivf: candidates per patch re-ranked by their exact "
+                                   "full-dimensional distance (recall vs time)")
     batch_size: int = Field(8, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
     seed: int = 0
@@ -130,14 +133,15 @@ class PatchKNNParams(DetectorParams):
     def _index_options_apply(self):
         # No dead options: a search parameter of another index kind would silently do nothing.
         defaults = type(self).model_fields
-        for name, kind in _INDEX_OPTIONS.items():
-            if kind != self.knn_index and getattr(self, name) != defaults[name].default:
-                raise ValueError(f"{name} only applies to knn_index: {kind} (knn_index is {self.knn_index})")
+        for name, kinds in _INDEX_OPTIONS.items():
+            if self.knn_index not in kinds and getattr(self, name) != defaults[name].default:
+                raise ValueError(f"{name} only applies to knn_index: {' / '.join(kinds)} (knn_index is {self.knn_index})")
         return self
 
 
-_INDEX_OPTIONS = {"knn_backend": "exact", "hnsw_m": "hnsw", "hnsw_ef_construction": "hnsw", "hnsw_ef_search": "hnsw",
-                  "ivf_nlist": "ivf", "ivf_nprobe": "ivf"}
+_INDEX_OPTIONS = {"knn_backend": ("exact",), "hnsw_m": ("hnsw",), "hnsw_ef_construction": ("hnsw",),
+                  "hnsw_ef_search": ("hnsw",), "ivf_nlist": ("ivf", "pca_ivf"), "ivf_nprobe": ("ivf", "pca_ivf"),
+                  "pca_dim": ("pca_ivf",), "rerank_candidates": ("pca_ivf",)}
 
 
 def _check_grid(images, start: int, orig_hw: np.ndarray, grid_hw: tuple[int, int]) -> None:
@@ -344,7 +348,7 @@ class PatchKNNDetector(Detector):
     def _check_index_fits(self, n_patches: int) -> None:
         """Fail before the memory bank is built when it cannot hold ``ivf_nlist`` lists (<= n_patches entries)."""
         p = self.params_
-        if p.knn_index == "ivf" and p.ivf_nlist is not None and p.ivf_nlist > n_patches:
+        if p.knn_index in ("ivf", "pca_ivf") and p.ivf_nlist is not None and p.ivf_nlist > n_patches:
             raise ConfigError(f"detector.params.ivf_nlist={p.ivf_nlist} is more than the {n_patches} training patches "
                               "the memory bank is drawn from")
 
@@ -352,7 +356,8 @@ class PatchKNNDetector(Detector):
         p = self.params_
         return KNNIndex(self.metric, p.knn_backend, p.device, p.knn_index, hnsw_m=p.hnsw_m,
                         hnsw_ef_construction=p.hnsw_ef_construction, hnsw_ef_search=p.hnsw_ef_search,
-                        ivf_nlist=p.ivf_nlist, ivf_nprobe=p.ivf_nprobe)
+                        ivf_nlist=p.ivf_nlist, ivf_nprobe=p.ivf_nprobe, pca_dim=p.pca_dim,
+                        rerank_candidates=p.rerank_candidates, seed=p.seed)
 
     def _knn(self) -> KNNIndex:
         if getattr(self, "_index", None) is None:
