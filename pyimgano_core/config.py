@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .data import DatasetConfig
 from .detectors import get_detector_class
 from .errors import ConfigError
-from .execution import CPUS_PER_TASK, MAX_RETRIES
+from .execution import MAX_RETRIES
 from .postprocess import PostprocessConfig
 
 
@@ -55,11 +55,14 @@ class OutputConfig(Strict):
 
 
 class ExecutionConfig(Strict):
-    """Where per-category runs and sharded exports execute. Results never depend on it."""
+    """Where per-category runs and sharded exports execute. Results do not depend on where, only
+    (in float32 rounding) on the thread count, which every executor pins to ``cpus_per_task``."""
 
     backend: Literal["local", "ray"] = Field("local", description="local: this process, one job after another; ray: Ray tasks")
     address: str = Field("auto", description="ray: 'auto' (a running cluster), 'local' (start one in-process), host:port or ray://host:port")
-    cpus_per_task: float = Field(CPUS_PER_TASK, gt=0, description="ray: CPUs reserved per task (torch uses as many threads)")
+    cpus_per_task: int | None = Field(None, ge=1, description=(
+        "torch/BLAS threads of each job on every executor (float32 sums depend on it: compare runs at one count); "
+        "ray: CPUs reserved per task too. null: this machine's torch thread count, as a local run"))
     max_retries: int = Field(MAX_RETRIES, ge=0, description="ray: resubmissions of a task whose worker died (killed, out of memory)")
 
 

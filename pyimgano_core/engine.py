@@ -26,6 +26,7 @@ from .data.io import read_image, read_mask
 from .data.shots import describe_shots, select_shots
 from .data.types import Split
 from .errors import ConfigError, DataError
+from .execution import current_threads
 from .features.geometry import map_to_original
 from .metrics_stream import PixelMetricStream
 from .reports import versions, write_json, write_jsonl
@@ -353,6 +354,7 @@ def _evaluate(cfg, split, model, out_dir, progress, fit_timing, pixels: PixelMet
             "mask_threshold": f"mask value > {split.mask_threshold}",
             "thresholds_from": "held-out normal training images" if model.thresholds else None,
             "few_shot": describe_shots(cfg.dataset.shots, cfg.seed, cfg.dataset.shots_protocol),
+            "cpu_threads": current_threads(),  # float32 sums depend on it (execution.cpus_per_task pins it)
             **(model.detector.protocol() if hasattr(model.detector, "protocol") else {}),  # features, image score
         },
         "notes": split.notes,

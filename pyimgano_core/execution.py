@@ -5,6 +5,12 @@ dict, a category, an output folder). Only plain data crosses to a worker, and ev
 the same engine functions as a local run, so results do not depend on the executor: it only
 decides *where* the engine runs.
 
+Threads: float32 sums (oneDNN convolutions, MKL sgemm in the kNN search) are split by thread,
+so the same job at 1 and at 2 torch threads differs in its last bits (MVTec bottle: features
+3.8e-6, image scores 1.2e-4; reports/ray.md). Every executor therefore runs a job at one thread
+count (:func:`pinned_threads`), ``cpus_per_task`` or, by default, what a local run here uses; a
+Ray task also reserves that many CPUs (Ray would otherwise start its workers at one thread).
+
 Failures: a job that raises a user error (:class:`PyimganoError`: bad data, bad model) fails
 the same way everywhere and is not retried. A Ray task whose worker *died* (killed, out of
 memory, node lost) is resubmitted up to ``max_retries`` times, then reported by name; the
@@ -18,6 +24,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -29,8 +36,7 @@ if TYPE_CHECKING:  # the config imports the detector registry (torch); the ONNX 
     from .config import ExecutionConfig
 
 CONNECT_TIMEOUT_S = 3.0  # an unreachable cluster address fails within a few seconds
-CPUS_PER_TASK = 1  # defaults of the config's execution section (and of --ray without a config)
-MAX_RETRIES = 2
+MAX_RETRIES = 2  # default of the config's execution section (and of --ray without a config)
 
 
 @dataclass(frozen=True)
@@ -74,16 +80,62 @@ def failures(results: Sequence[JobResult]) -> dict:
     return {r.name: {"error": str(r.error), "type": type(r.error).__name__, "attempts": r.attempts} for r in results if not r.ok}
 
 
+def current_threads() -> int | None:
+    """This process's torch intra-op thread count (None while torch is not loaded: ONNX runtime paths)."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
+
+
+def default_threads() -> int:
+    """The thread count of a local run here: torch's (it follows OMP_NUM_THREADS, else the cores)."""
+    n = current_threads()
+    return n if n is not None else len(os.sched_getaffinity(0))
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int | None):
+    """Run a block with ``n`` torch intra-op and BLAS threads (None: as they are), restored after."""
+    if n is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    torch = sys.modules.get("torch")
+    saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if torch is None:  # read by torch when the job imports it (no torch import for ONNX-only jobs)
+        os.environ.update(OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
+    else:
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n, user_api="blas"):  # numpy's BLAS (and MKL/OpenBLAS loaded by others)
+            yield
+    finally:
+        if torch is None:
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        else:
+            torch.set_num_threads(before)
+
+
 class LocalExecutor:
-    """Run jobs one after another in this process (the default; needs nothing installed)."""
+    """Run jobs one after another in this process (the default; needs nothing installed),
+    at ``threads`` torch/BLAS threads (None: this process's own count)."""
 
     backend = "local"
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads
 
     def run(self, jobs: Sequence[Job], progress=None) -> list[JobResult]:
         results = []
         for job in jobs:
             try:
-                results.append(JobResult(job.name, job.fn(**job.kwargs, progress=progress)))
+                with pinned_threads(self.threads):
+                    results.append(JobResult(job.name, job.fn(**job.kwargs, progress=progress)))
             except PyimganoError as exc:
                 results.append(JobResult(job.name, error=exc))
         return results
@@ -91,12 +143,14 @@ class LocalExecutor:
     def close(self) -> None: ...
 
 
-def _call(fn: Callable[..., dict], kwargs: dict, cwd: str) -> tuple:
-    """The Ray task body: run one job in the driver's working directory; user errors become data."""
+def _call(fn: Callable[..., dict], kwargs: dict, cwd: str, threads: int) -> tuple:
+    """The Ray task body: run one job in the driver's working directory at the driver's thread
+    count (Ray starts workers with OMP_NUM_THREADS=1); user errors become data."""
     if os.path.isdir(cwd):  # relative dataset/weight paths resolve as on the driver (same layout on every node)
         os.chdir(cwd)
     try:
-        return ("ok", fn(**kwargs, progress=None))
+        with pinned_threads(threads):
+            return ("ok", fn(**kwargs, progress=None))
     except PyimganoError as exc:
         return ("error", type(exc).__name__, str(exc))
 
@@ -109,22 +163,36 @@ def _died_errors(ray) -> tuple[type, ...]:
 
 
 class RayExecutor:
-    """Run jobs as Ray tasks, ``cpus_per_task`` CPUs each, resubmitting tasks whose worker died."""
+    """Run jobs as Ray tasks, ``cpus_per_task`` CPUs and torch threads each (None: this machine's
+    thread count, as a local run), resubmitting tasks whose worker died."""
 
     backend = "ray"
 
-    def __init__(self, address: str = "auto", cpus_per_task: float = CPUS_PER_TASK, max_retries: int = MAX_RETRIES):
+    def __init__(self, address: str = "auto", cpus_per_task: int | None = None, max_retries: int = MAX_RETRIES):
         if address != "local":
             # Read when Ray is imported: its driver tries a GCS 20 times, a second apart, by default;
             # an address that answers TCP but is no Ray head (a proxy, another service) then fails
             # in a few seconds. A user's own setting wins.
             os.environ.setdefault("RAY_NUM_REDIS_GET_RETRIES", str(int(CONNECT_TIMEOUT_S)))
         self.ray = require("ray", "ray")
-        self.cpus_per_task, self.max_retries = cpus_per_task, max_retries
+        self.threads, self.max_retries = cpus_per_task or default_threads(), max_retries
         self._started = connect(self.ray, address)
+        try:
+            self._check_fits(cpus_per_task is None)
+        except ConfigError:
+            self.close()
+            raise
         cpus = self.ray.cluster_resources().get("CPU", 1)
-        self.slots = max(1, int(cpus // cpus_per_task))
-        self._task = self.ray.remote(_call).options(num_cpus=cpus_per_task, max_retries=0, retry_exceptions=False)
+        self.slots = max(1, int(cpus // self.threads))
+        self._task = self.ray.remote(_call).options(num_cpus=self.threads, max_retries=0, retry_exceptions=False)
+
+    def _check_fits(self, defaulted: bool) -> None:
+        """A task that asks more CPUs than any node has would wait forever: say so now."""
+        largest = max((n["Resources"].get("CPU", 0) for n in self.ray.nodes() if n.get("Alive")), default=0)
+        if self.threads > largest:
+            why = " (this machine's thread count, the default)" if defaulted else ""
+            raise ConfigError(f"execution.cpus_per_task={self.threads}{why}: no Ray node has that many CPUs (largest: {largest:g}); "
+                              f"set it to at most {int(largest)}, and to the same for a local run to compare")
 
     def share(self, obj: Any) -> list:
         """Put ``obj`` in the object store once; the list keeps Ray from fetching it for every task."""
@@ -138,7 +206,7 @@ class RayExecutor:
         pending = {}
 
         def submit(i: int, attempt: int) -> None:
-            pending[self._task.remote(jobs[i].fn, jobs[i].kwargs, cwd)] = (i, attempt)
+            pending[self._task.remote(jobs[i].fn, jobs[i].kwargs, cwd, self.threads)] = (i, attempt)
 
         for i in range(len(jobs)):
             submit(i, 1)
@@ -224,14 +292,32 @@ def _stderr_on_success():
                 os.write(2, held.read())
 
 
+# An HTTP/2 client connection preface and an empty SETTINGS frame (RFC 9113 section 3.4): the
+# GCS and the Ray Client server are gRPC servers, which answer it with their own SETTINGS frame.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 def _check_reachable(address: str) -> None:
-    """Ray's own connect retries for a long time; a plain TCP probe answers in seconds."""
+    """Ray's own connect retries for a long time, and waits without limit on a listener that
+    accepts and never answers; this probe answers within CONNECT_TIMEOUT_S: a TCP connect, then
+    the preface, which must get *some* reply (any bytes or a close: Ray judges those itself, e.g.
+    a TLS-only head)."""
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"execution.address: expected 'auto', 'local', host:port or ray://host:port, got {address!r}")
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
     try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S) as conn:
+            conn.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                conn.sendall(_H2_PREFACE)
+                conn.recv(1)
+            except TimeoutError:
+                raise ExecutionError(f"cannot connect to the Ray cluster at {address!r}: it accepts connections but sends "
+                                     f"nothing within {CONNECT_TIMEOUT_S:.0f} s (not a Ray head or Ray Client server?)") from None
+            except OSError:  # reset or closed on the preface: an answer; Ray says what it is
+                pass
     except OSError as exc:
         raise ExecutionError(f"cannot reach the Ray cluster at {address!r} within {CONNECT_TIMEOUT_S:.0f} s: {exc.strerror or exc}") from None
 
@@ -241,7 +327,7 @@ def make_executor(cfg: ExecutionConfig | None = None, ray_address: str | None = 
     (``--ray``) selects Ray at that address whatever the section says."""
     backend = "ray" if ray_address is not None else (cfg.backend if cfg is not None else "local")
     if backend == "local":
-        return LocalExecutor()
+        return LocalExecutor(cfg.cpus_per_task if cfg is not None else None)
     if cfg is None:
         return RayExecutor(ray_address)
     return RayExecutor(ray_address or cfg.address, cfg.cpus_per_task, cfg.max_retries)

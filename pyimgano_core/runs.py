@@ -255,7 +255,8 @@ def export_run(cfg: ExperimentConfig, out_root: Path | None = None, model_arg: P
         return on(paths, out / split.name / "maps", base=_common_root(paths))
 
     jobs = [Job(s.name, partial(body, s), {}) for s in splits]  # in this process (a closure, not shipped)
-    return _loop(cfg, out, "export-maps", jobs, LocalExecutor(), progress, summary_name=_summary_name(shard))
+    # the fit runs here, at the executor's thread count (the shards' too): a local run then fits the same bank
+    return _loop(cfg, out, "export-maps", jobs, LocalExecutor(executor.threads), progress, summary_name=_summary_name(shard))
 
 
 def _summary_name(shard: tuple[int, int] | None) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import ConfigError, ExecutionError
-from .execution import Job, JobResult, failures
+from .execution import Job, JobResult, current_threads, failures, pinned_threads
 from .optional import require
 from .outputs import check_writable, clean_stale, folder_lock, temp_path
 
@@ -80,7 +80,7 @@ def export_shard(model: list, key: str, runtime: str, images: list[str], out_dir
 
     fitted, loaded = _model_from(model, key, runtime)
     summary = export_images(fitted, [Path(p) for p in images], Path(out_dir), progress, base=Path(base) if base else None)
-    return summary | {"worker_pid": os.getpid(), "model_loaded": loaded}
+    return summary | {"worker_pid": os.getpid(), "model_loaded": loaded, "cpu_threads": current_threads()}
 
 
 def _check_shippable(folder: Path | None, runtime: str) -> None:
@@ -104,12 +104,13 @@ def export_on(executor, model, images: Sequence, out_dir, progress=None, base=No
     from .engine import CHUNK, export_images
 
     out_dir = Path(out_dir)
-    if shard is not None:
-        i, n = shard
-        summary = export_images(model, shard_slice(images, i, n), out_dir / shard_folder(i, n), progress, base=base)
-        return summary | {"shard": f"{i}/{n}", "n_images_in_folder": len(images)}
-    if executor.backend == "local":
-        return export_images(model, images, out_dir, progress, base=base)
+    if shard is not None or executor.backend == "local":
+        with pinned_threads(executor.threads):
+            if shard is None:
+                return export_images(model, images, out_dir, progress, base=base) | {"cpu_threads": current_threads()}
+            i, n = shard
+            summary = export_images(model, shard_slice(images, i, n), out_dir / shard_folder(i, n), progress, base=base)
+            return summary | {"shard": f"{i}/{n}", "n_images_in_folder": len(images), "cpu_threads": current_threads()}
     _check_shippable(folder, runtime)
     n = max(1, min(math.ceil(len(images) / CHUNK), 4 * executor.slots))
     blob = model_blob(model, folder)
@@ -149,13 +150,13 @@ def merge_shards(out_dir: Path, jobs: Sequence[Job], results: Sequence[JobResult
         "failures": [f for v in vals for f in v["failures"]],
         "n_anomalous": sum(anomalous) if vals and None not in anomalous else None,
         "thresholds": first.get("thresholds"), "display_range": first.get("display_range"),
-        "display_range_from": first.get("display_range_from"),
+        "display_range_from": first.get("display_range_from"), "cpu_threads": first.get("cpu_threads"),
         "seconds": seconds, "images_per_s": n_ok / seconds if seconds > 0 else None,
         "peak_rss_mb": max((v["peak_rss_mb"] for v in vals), default=None),  # of the largest worker
         "outputs": "per shard under shard-IIII-of-NNNN/ (" + first.get("outputs", "") + ")",
         "out_dir": str(out_dir),
         "shards": {j.name: {"n_images": len(j.kwargs["images"]), "attempts": r.attempts, "ok": r.ok,
-                            **({k: r.value[k] for k in ("worker_pid", "model_loaded", "seconds")} if r.ok else {})}
+                            **({k: r.value[k] for k in ("worker_pid", "model_loaded", "seconds", "cpu_threads")} if r.ok else {})}
                    for j, r in zip(jobs, results)},
         "failed_shards": failures(results),
     }

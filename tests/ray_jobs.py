@@ -19,3 +19,14 @@ def die_until(counter: str, deaths: int, progress=None) -> dict:
 
 def bad_data(progress=None) -> dict:
     raise DataError("widget/test/scratch/000.png: cannot read")
+
+
+def thread_probe(progress=None) -> dict:
+    """The job's torch thread count and the bits of a float32 matmul whose sums torch splits by thread."""
+    import hashlib
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1024, 512, generator=g), torch.randn(512, 300, generator=g)
+    return {"threads": torch.get_num_threads(), "matmul_sha256": hashlib.sha256((a @ b).numpy().tobytes()).hexdigest()}

@@ -17,10 +17,10 @@ from pyimgano_cli.app import app
 from pyimgano_core.config import config_hash, load_config
 from pyimgano_core.engine import CHUNK
 from pyimgano_core.errors import ConfigError, DataError, ExecutionError
-from pyimgano_core.execution import Job
+from pyimgano_core.execution import Job, LocalExecutor
 from pyimgano_core.shards import parse_shard, shard_slice
 from tests.helpers import write_config
-from tests.ray_jobs import bad_data, die_until
+from tests.ray_jobs import bad_data, die_until, thread_probe
 from tests.synth import make_mvtec_tree
 
 runner = CliRunner()
@@ -125,6 +125,31 @@ def test_unreachable_address_fails_fast_with_one_line(tree, tmp_path):
     assert res.exit_code == 2 and "execution.address" in res.output
 
 
+def test_silent_listener_fails_fast_with_one_line(tree, tmp_path):
+    """A port that accepts TCP and never answers (here: a backlog nobody accepts from) made ray.init wait forever."""
+    pytest.importorskip("ray")
+    assert not __import__("ray").is_initialized()
+    cfg = write_config(tmp_path / "c.yaml", tree)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)  # the kernel completes the handshakes; nothing is ever read or sent
+        for address in (f"127.0.0.1:{s.getsockname()[1]}", f"ray://127.0.0.1:{s.getsockname()[1]}"):
+            t0 = time.perf_counter()
+            res = run("eval", cfg, "--ray", address, "--out", tmp_path)
+            assert time.perf_counter() - t0 < 10
+            assert res.exit_code == 8 and "accepts connections but sends nothing within 3 s" in res.output, res.output
+            assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+
+
+def test_local_executor_pins_and_restores_the_thread_count():
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    [one] = LocalExecutor(threads=1).run([Job("probe", thread_probe, {})])
+    assert one.value["threads"] == 1 and torch.get_num_threads() == before
+    [free] = LocalExecutor().run([Job("probe", thread_probe, {})])
+    assert free.value["threads"] == before
+
+
 # ------------------------------------------------------------------------------ one local Ray
 @pytest.fixture(scope="module")
 def ray_cluster():
@@ -134,7 +159,9 @@ def ray_cluster():
     # Ray's memory monitor kills workers when the *machine* is nearly full, whoever fills it: that
     # would make these tests depend on other processes. Killed workers are tested explicitly.
     os.environ["RAY_memory_monitor_refresh_ms"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    # at least this process's torch thread count: a task reserves that many CPUs by default (as many threads as locally)
+    ray.init(num_cpus=max(2, __import__("torch").get_num_threads()), include_dashboard=False, logging_level=logging.ERROR,
+             log_to_driver=False)
     yield ray
     ray.shutdown()
     os.environ.pop("RAY_memory_monitor_refresh_ms", None)
@@ -145,7 +172,7 @@ def _metrics(folder: Path) -> dict:
     for report in sorted(folder.rglob("report.json")):
         doc = json.loads(report.read_text())
         scores = [json.loads(x)["score"] for x in (report.parent / "predictions.jsonl").read_text().splitlines()]
-        out[str(report.relative_to(folder))] = ({k: doc[k] for k in METRICS}, doc["config_hash"], scores)
+        out[str(report.relative_to(folder))] = ({k: doc[k] for k in METRICS}, doc["config_hash"], scores, doc["protocol"]["cpu_threads"])
     return out
 
 
@@ -169,6 +196,21 @@ def test_sweep_on_ray_gives_the_local_metrics(ray_cluster, tree, tmp_path):
     assert rows[0] == rows[1]
     page = (tmp_path / "ray/t-sweep/index.html").read_text()
     assert all(f'href="../{n}/index.html"' in page for n in names) and (tmp_path / "ray" / names[0] / "index.html").is_file()
+
+
+def test_ray_jobs_run_at_the_local_thread_count(ray_cluster):
+    """Ray starts workers at OMP_NUM_THREADS=1; torch splits float32 sums by thread, so the
+    same job at 1 and at 2 threads differs in its last bits (bottle scores 1.2e-4 apart)."""
+    from pyimgano_core.execution import RayExecutor
+
+    jobs = [Job("probe", thread_probe, {})]
+    [local], [remote] = LocalExecutor().run(jobs), RayExecutor().run(jobs)
+    assert remote.value == local.value  # the same thread count and bit for bit the same sums
+    [local1], [remote1] = LocalExecutor(threads=1).run(jobs), RayExecutor(cpus_per_task=1).run(jobs)
+    assert remote1.value == local1.value and local1.value["threads"] == 1
+    cpus = int(ray_cluster.cluster_resources()["CPU"])
+    with pytest.raises(ConfigError, match=f"no Ray node has that many CPUs \\(largest: {cpus}\\)"):
+        RayExecutor(cpus_per_task=cpus + 1)
 
 
 def test_killed_task_is_retried_then_reported_by_name(ray_cluster, tmp_path):
