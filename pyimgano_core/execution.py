@@ -188,7 +188,7 @@ class RayExecutor:
 
     def _check_fits(self, defaulted: bool) -> None:
         """A task that asks more CPUs than any node has would wait forever: say so now."""
-        largest = max((n["Resources"].get("CPU", 0) for n in self.ray.nodes() if n.get("Alive")), default=0)
+        largest = max(((n.get("Resources") or {}).get("CPU", 0) for n in self.ray.nodes() if n.get("Alive")), default=0)
         if self.threads > largest:
             why = " (this machine's thread count, the default)" if defaulted else ""
             raise ConfigError(f"execution.cpus_per_task={self.threads}{why}: no Ray node has that many CPUs (largest: {largest:g}); "

@@ -160,8 +160,16 @@ def ray_cluster():
     # would make these tests depend on other processes. Killed workers are tested explicitly.
     os.environ["RAY_memory_monitor_refresh_ms"] = "0"
     # at least this process's torch thread count: a task reserves that many CPUs by default (as many threads as locally)
-    ray.init(num_cpus=max(2, __import__("torch").get_num_threads()), include_dashboard=False, logging_level=logging.ERROR,
-             log_to_driver=False)
+    kwargs = dict(num_cpus=max(2, __import__("torch").get_num_threads()), include_dashboard=False, logging_level=logging.ERROR,
+                  log_to_driver=False)
+    for attempt in range(3):  # Ray gives its raylet a fixed 30 s to register: an overloaded machine can miss it
+        try:
+            ray.init(**kwargs)
+            break
+        except Exception:  # noqa: BLE001 - Ray raises a bare Exception for that
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray
     ray.shutdown()
     os.environ.pop("RAY_memory_monitor_refresh_ms", None)
