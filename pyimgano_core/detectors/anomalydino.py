@@ -11,8 +11,10 @@ image size and blurred there with a Gaussian of sigma 4 (the reference's ``dists
 foreground masking (first PCA component of the image's own patch tokens, thresholded;
 ``masking: reference`` applies the reference's per-category table), rotation augmentation of
 the reference images.
-Added here: memory-bank subsampling (greedy coreset or random, seeded). Few-shot is set by
-``dataset.shots`` in the experiment config.
+Added here: memory-bank subsampling (greedy coreset or random, seeded), and tiles for
+high-resolution parts (``tiling``, through the shared patch-kNN core, :mod:`.tiling`: each tile,
+a multiple of the patch size, is one model input; its tokens are L2-normalised into the bank;
+masking is refused with tiles). Few-shot is set by ``dataset.shots`` in the experiment config.
 
 Example
 -------
@@ -52,7 +54,8 @@ class FoundationPatchParams(PatchKNNParams):
     backbone: str = Field("dinov2_vits14", description="dinov2_vit{s,b,l,g}14[_reg] | timm:<name> | openclip:<model> | torchvision:<name>")
     weights: str | None = Field("DEFAULT", description="DEFAULT (pretrained), a local checkpoint path, an OpenCLIP tag, or null (random)")
     layers: list[str] | None = Field(None, description="tapped layers, shallowest first (torchvision backbones only)")
-    image_size: int | tuple[int, int] = 448
+    image_size: int | tuple[int, int] | None = Field(448, description="resize target (shorter_side: short edge; squash: "
+                                                     "exact h,w); null with tiling")
     resize_mode: Literal["squash", "shorter_side"] = "shorter_side"
     patch_multiple: int | None = Field(None, ge=1, description="crop the input to a multiple of this (None: the embedder's patch size)")
     aggregation: Aggregation = "topk_mean"
@@ -85,10 +88,24 @@ class FoundationPatchParams(PatchKNNParams):
             raise ValueError("layers must be given for torchvision:<name> backbones, and only for them")
         if self.mask_reference and self.masking is False:
             raise ValueError("mask_reference needs masking: true (or reference)")
+        if self.tiling is not None:
+            self._tiling_applies()
         if self.masking is not False and self.mask_threshold is None and "dinov2" not in self.backbone:
             raise ValueError(f"masking needs an explicit mask_threshold for {self.backbone}: the default 10 is in "
                              "DINOv2 feature units (the first PCA component's scale differs between towers)")
         return self
+
+    def _tiling_applies(self) -> None:
+        # Tiles go through the shared patch-kNN core (tiling.py); what it cannot reproduce is refused.
+        if self.masking is not False:
+            raise ValueError("masking does not apply with tiling: the zero-shot mask assumes one centred object per "
+                             "model input (PCA of one input's tokens), a tile shows part of it; use masking: false")
+        if self.patch_multiple is not None:
+            raise ValueError("patch_multiple does not apply with tiling: tiling.tile must itself be a multiple of the "
+                             "patch size (checked at fit)")
+        if self.blur_at == "original" and self.tiling.scale != 1:
+            raise ValueError("blur_at: original does not apply with tiling.scale != 1: the stitched map is blurred at the "
+                             "scaled image (tile pixels); use blur_at: input")
 
     def masking_on(self) -> bool:
         """Whether test patches are masked: ``masking`` itself, or the reference's table entry."""
@@ -171,6 +188,8 @@ class FoundationPatchKNN(PatchKNNDetector):
     @property
     def geometry(self) -> Geometry:
         p = self.params_
+        if p.tiling is not None:  # a tile, as cut, is the model input
+            return super().geometry
         multiple = p.patch_multiple or getattr(self._embedder(), "patch_size", None)
         return Geometry(size=p.image_size, crop=p.crop, mode=p.resize_mode, multiple=multiple)
 
@@ -188,14 +207,23 @@ class FoundationPatchKNN(PatchKNNDetector):
 
     def _fit(self, images: list) -> None:
         p = self.params_
-        refs = RotatedImages(images) if p.rotation else images
+        patch = getattr(self._embedder(), "patch_size", None)
+        if p.tiling is not None and patch and p.tiling.tile % patch:  # before any feature is extracted
+            from ..errors import ConfigError
+
+            raise ConfigError(f"detector.params.tiling.tile={p.tiling.tile} is not a multiple of the backbone's patch size "
+                              f"{patch} (a tile is one model input): use e.g. {max(patch, p.tiling.tile // patch * patch)}")
+        super()._fit(images)  # PatchKNNDetector: inputs (tiles) -> _references -> spill -> memory
+
+    def _references(self, images: list):
+        p = self.params_
 
         def rows(feats, batch):  # (B*h*w, D) L2-normalised; grids may differ between images
             flat = feats.reshape(-1, feats.shape[-1])
             flat = flat[self._batch_fg.ravel()] if p.mask_reference and self._batch_fg is not None else flat
             return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
 
-        self._fit_spilled(refs, transform=rows)
+        return (RotatedImages(images) if p.rotation else images), rows
 
     def _build_memory(self, features, grid_hw) -> None:
         """Memory of the (already L2-normalised) reference patches, optionally subsampled."""

@@ -25,7 +25,6 @@ from ..features.backbones import FeatureExtractor
 from ..features.patch_embed import ConcatPatchEmbedder, LocalPatchEmbedder
 from .base import MAX_SIDE, register_detector
 from .patchknn import PatchKNNDetector, PatchKNNParams
-from .tiling import Tiling
 
 
 class CNNPatchParams(PatchKNNParams):
@@ -73,29 +72,18 @@ class CNNPatchParams(PatchKNNParams):
     # -- how images become model inputs: image_size auto, or tiles (detectors/tiling.py) -------------
     pixel_budget: int = Field(224 * 224, ge=1, le=MAX_SIDE * MAX_SIDE,
                               description="image_size auto: model-input pixels h*w (each side a multiple of the largest stride)")
-    tiling: Tiling | None = Field(None, description="cut each image into overlapping tiles at native resolution (or "
-                                  "tiling.scale); each tile is a model input, maps are stitched (None: no tiling)")
+    # (tiling, the other input rule, is a PatchKNNParams field: patchknn_params.py)
 
     @model_validator(mode="before")
     @classmethod
     def _input_defaults(cls, data):
-        # auto and tiles are fixed-size inputs without a crop: unset resize_mode/crop default to that
-        if isinstance(data, dict) and (data.get("image_size") == "auto" or data.get("tiling") is not None):
-            data = {"resize_mode": "squash", "crop": None, **({"image_size": None} if data.get("tiling") is not None else {}), **data}
+        # auto is a fixed-size input without a crop: unset resize_mode/crop default to that
+        if isinstance(data, dict) and data.get("image_size") == "auto":
+            data = {"resize_mode": "squash", "crop": None, **data}
         return data
 
     @model_validator(mode="after")
     def _input_rules(self):
-        if self.tiling is not None and (self.image_size is not None or self.crop is not None or self.resize_mode != "squash"):
-            raise ValueError("image_size, crop and resize_mode do not apply with tiling (tiles are cut from the image at "
-                             "tiling.scale): remove them")
-        if self.tiling is not None and self.tiling.bank == "per_tile" and self.knn_index != "exact":
-            raise ValueError("tiling.bank: per_tile searches each tile position's bank exactly: use knn_index: exact")
-        if self.tiling is not None and self.topk is not None:
-            raise ValueError("topk counts the patches of one model input; with tiling the image score is taken over the "
-                             "stitched map: use topk_ratio")
-        if self.tiling is None and self.image_size is None:
-            raise ValueError("image_size: null only applies with tiling")
         if self.image_size == "auto" and (self.crop is not None or self.resize_mode != "squash"):
             raise ValueError("image_size: auto is a fixed (h, w) input: use crop: null and resize_mode: squash")
         if self.image_size != "auto" and self.pixel_budget != type(self).model_fields["pixel_budget"].default:

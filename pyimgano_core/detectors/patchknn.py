@@ -12,23 +12,23 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Literal, Protocol
+from typing import Callable, Literal, Protocol, Sequence
 
 import cv2
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
 
 from ..errors import ConfigError, DataError, ModelError, ResourceError
 from ..features.geometry import Geometry
 from ..features.loading import iter_batches
 from ..features.store import FeatureStore
 from ..optional import require
-from .base import Detector, DetectorParams, Prediction
+from .base import Detector, Prediction
 from .coreset import CoresetMethod, greedy_coreset  # noqa: F401  (CoresetMethod, greedy_coreset: re-exported)
 from .image_score import Aggregation, aggregate, describe_rule  # noqa: F401  (Aggregation, aggregate: re-exported)
 from .inputs import describe_input, load_inputs, prepare_inputs, save_inputs
-from .knn import IndexKind, KNNIndex  # noqa: F401 - KNNIndex re-exported (it lived here)
+from .knn import KNNIndex
+from .patchknn_params import PatchKNNParams  # noqa: F401 - re-exported (it lived here)
 from .tiling import fit_per_tile, iter_tile_batches, predict_tiled
 
 log = logging.getLogger(__name__)
@@ -82,68 +82,6 @@ def _current_rss() -> int:
 
 
 # ---------------------------------------------------------------------------- base detector
-class PatchKNNParams(DetectorParams):
-    """Parameters shared by every patch-kNN detector (geometry, scoring, maps, search)."""
-
-    image_size: int | tuple[int, int] = Field(256, description="resize target (squash: exact h,w; shorter_side: short edge)")
-    crop: int | tuple[int, int] | None = Field(None, description="centre crop after resize (None = whole image)")
-    resize_mode: Literal["squash", "shorter_side"] = "squash"
-    aggregation: Aggregation = Field(
-        "max", description="image score: max | mean | topk_mean of the patch scores, or blurred_max = max of the "
-        "anomaly map (upsampled and blurred)")
-    topk_ratio: float = Field(0.01, gt=0, le=1, description="share of patches averaged by topk_mean")
-    topk: int | None = Field(None, ge=1, description="topk_mean: average this many patches instead of topk_ratio's share "
-                             "(at most the patches of an image)")
-    blur_sigma: float = Field(4.0, ge=0, description="Gaussian sigma (model-input pixels) applied to maps")
-    knn_backend: Literal["torch", "faiss"] = Field("torch", description="engine of the exact search (knn_index: exact)")
-    knn_index: IndexKind = Field("exact", description="nearest-neighbour search: exact, or approximate faiss hnsw / ivf / "
-                                 "pca_ivf (sub-linear in the bank; can only over-estimate a distance)")
-    hnsw_m: int = Field(32, ge=4, le=256, description="hnsw: graph links per entry")
-    hnsw_ef_construction: int = Field(80, ge=8, le=4096, description="hnsw: candidate list size while building")
-    hnsw_ef_search: int = Field(64, ge=1, le=4096, description="hnsw: candidate list size per query (recall vs time)")
-    ivf_nlist: int | None = Field(None, ge=1, description="ivf, pca_ivf: k-means lists (None: 4*sqrt(entries)); at most the entries")
-    ivf_nprobe: int = Field(8, ge=1, description="ivf, pca_ivf: lists visited per query (recall vs time); at most ivf_nlist")
-    pca_dim: int = Field(64, ge=1, description="pca_ivf: dimensions of the coarse (candidate) search; at most the feature dimension")
-    rerank_candidates: int = Field(16, ge=1, le=4096, description="pca_ivf: candidates per patch re-ranked by their exact "
-                                   "full-dimensional distance (recall vs time)")
-    batch_size: int = Field(8, ge=1)
-    device: Literal["cpu", "cuda"] = "cpu"
-    seed: int = 0
-    max_memory_gb: float | None = Field(
-        None, gt=0, description="stop before the fit when its expected peak memory (GiB) exceeds this (None: no limit)")
-    spill_dir: str | None = Field(None, description="folder for the temporary training-feature spill (None: system temp dir)")
-
-    @field_validator("ivf_nprobe")
-    @classmethod
-    def _nprobe_within_nlist(cls, v: int, info):
-        nlist = info.data.get("ivf_nlist")
-        if nlist is not None and v > nlist:
-            raise ValueError(f"ivf_nprobe={v} visits more lists than ivf_nlist={nlist}")
-        return v
-
-    @model_validator(mode="after")
-    def _topk_applies(self):
-        if self.topk is not None and self.aggregation != "topk_mean":
-            raise ValueError(f"topk only applies to aggregation: topk_mean (aggregation is {self.aggregation})")
-        if self.topk is not None and self.topk_ratio != type(self).model_fields["topk_ratio"].default:
-            raise ValueError("topk and topk_ratio both set: give one of them")
-        return self
-
-    @model_validator(mode="after")
-    def _index_options_apply(self):
-        # No dead options: a search parameter of another index kind would silently do nothing.
-        defaults = type(self).model_fields
-        for name, kinds in _INDEX_OPTIONS.items():
-            if self.knn_index not in kinds and getattr(self, name) != defaults[name].default:
-                raise ValueError(f"{name} only applies to knn_index: {' / '.join(kinds)} (knn_index is {self.knn_index})")
-        return self
-
-
-_INDEX_OPTIONS = {"knn_backend": ("exact",), "hnsw_m": ("hnsw",), "hnsw_ef_construction": ("hnsw",),
-                  "hnsw_ef_search": ("hnsw",), "ivf_nlist": ("ivf", "pca_ivf"), "ivf_nprobe": ("ivf", "pca_ivf"),
-                  "pca_dim": ("pca_ivf",), "rerank_candidates": ("pca_ivf",)}
-
-
 def _check_grid(images, start: int, orig_hw: np.ndarray, grid_hw: tuple[int, int]) -> None:
     """Refuse an image smaller than the patch grid: its map would be invented by upsampling."""
     for j, (h, w) in enumerate(orig_hw):
@@ -223,13 +161,23 @@ class PatchKNNDetector(Detector):
             start += len(feats)
             yield feats, batch
 
+    def _references(self, images: list) -> tuple[Sequence, Callable | None]:
+        """The model inputs the memory is built from, and ``transform(feats, batch) -> rows`` (None: every row as is).
+
+        AnomalyDINO: rotated copies of each image (same size), L2-normalised rows.
+        """
+        return images, None
+
     def _fit(self, images: list) -> None:
         n_inputs, grids = prepare_inputs(self, images)  # image_size auto / tile grids, before the long work
+        refs, transform = self._references(images)
+        copies = len(refs) // max(1, len(images))  # augmented copies keep each image's size (and tile grid)
+        n_inputs, grids = n_inputs * copies, grids and [g for g in grids for _ in range(copies)]
         if grids and self.params_.tiling.bank == "per_tile":
-            fit_per_tile(self, images, grids)
+            fit_per_tile(self, refs, grids, transform)
             self._index = self._tile_index = None
             return
-        self._fit_spilled(images, n_inputs=n_inputs)
+        self._fit_spilled(refs, transform=transform, n_inputs=n_inputs)
 
     def _fit_spilled(self, images, transform=None, n_inputs: int | None = None) -> None:
         """Spill the training features (``_spill``), build the memory bank from them, remove the spill."""

@@ -17,6 +17,10 @@ overlap averaging (sum / count per pixel), and only then blurred (sigma in tile 
 input pixels), so tile seams are not blurred twice. The image score is the detector's
 ``aggregation`` (max, mean, top-k mean) over the stitched map before the blur, the analogue of
 the untiled max over patch scores. The engine resizes a map at ``scale != 1`` back to the image.
+
+Every patch-kNN detector takes ``tiling`` (a :class:`~.patchknn_params.PatchKNNParams` field):
+this module only cuts, embeds through the detector and stitches, so each detector's own features
+(AnomalyDINO's L2-normalised tokens via its row transform), distances and patch scores apply.
 """
 from __future__ import annotations
 
@@ -135,7 +139,8 @@ def _read(item) -> np.ndarray:
 
 
 def _name(images: Sequence, i: int) -> str:
-    return str(images[i]) if isinstance(images[i], (str, os.PathLike)) else f"#{i}"
+    item = images[i] if isinstance(images, (list, tuple)) else None  # a lazy sequence (rotations) would decode again
+    return str(item) if isinstance(item, (str, os.PathLike)) else f"#{i}"
 
 
 def iter_tile_batches(images: Sequence, tiling: Tiling, batch_size: int, grid_shape: tuple[int, int] | None = None,
@@ -206,8 +211,12 @@ def check_training_sizes(images: Sequence, tiling: Tiling) -> list[TileGrid]:
     return grids
 
 
-def fit_per_tile(det, images: list, grids: list[TileGrid]) -> None:
-    """One memory bank per tile position: ``memory_`` holds them one after another, ``tile_offsets_`` [P+1]."""
+def fit_per_tile(det, images: Sequence, grids: list[TileGrid], transform=None) -> None:
+    """One memory bank per tile position: ``memory_`` holds them one after another, ``tile_offsets_`` [P+1].
+
+    ``transform(feats, batch) -> rows`` (the detector's, e.g. L2 normalisation) must keep every row:
+    the rows of a tile position are picked from its tiles' patches.
+    """
     p = det.params_
     n_pos = grids[0].shape[0] * grids[0].shape[1]
     total = sum(g.shape[0] * g.shape[1] for g in grids)
@@ -219,8 +228,12 @@ def fit_per_tile(det, images: list, grids: list[TileGrid]) -> None:
                 grid_hw = feats.shape[1:3]
                 # an upper bound: the coreset search of one position sees 1/n_pos of these patches
                 det._check_memory(int(np.prod(grid_hw)) * total, feats.shape[-1])
+            rows = feats.reshape(-1, feats.shape[-1]) if transform is None else transform(feats, batch)
+            if len(rows) != feats.shape[0] * feats.shape[1] * feats.shape[2]:
+                raise ValueError("tiling.bank: per_tile needs every patch row of every tile (a row filter is not supported)")
+            rows = rows.reshape(len(feats), -1, rows.shape[-1])  # (tiles, patches of a tile, D)
             for k in np.unique(batch.pos):
-                stores[k].append(feats[batch.pos == k].reshape(-1, feats.shape[-1]))
+                stores[k].append(rows[batch.pos == k].reshape(-1, rows.shape[-1]))
             seen += len(feats)
             det._report("extracting tile features", seen, total)
         banks, coreset_s = [], 0.0
