@@ -10,6 +10,8 @@ geometry) on four training/test splits, each fitted once per (aggregation, cores
                     (``dataset.shots: 250``, random protocol, seed 0), scored on a seeded stratified
                     subset of its test set (60 good + 24 per defect type = 180 images)
     mtile_noisy10   same + contamination 0.1 (76 defective images moved into the 762 before the draw)
+    mtile_full, mtile_full_noisy10   the same two at full size: every training image, the whole
+                    test set (less the defective images moved into training)
 
 Leave-one-defect-type-out: every split's test set scored once, then image AUROC (and the pixel
 metrics, from the engine's per-defect report) on the good images plus ONE defect type at a
@@ -70,7 +72,11 @@ SPLITS = {
     "mtile": ("configs/magnetic_tile_patchcore.yaml", MTILE_SUBSET),
     "mtile_noisy10": ("configs/magnetic_tile_patchcore.yaml",
                       ["dataset.contamination={ratio: 0.1, seed: 0, overlap: false}"] + MTILE_SUBSET),
+    # full size: every training image, the whole test set
+    "mtile_full": ("configs/magnetic_tile_patchcore.yaml", []),
+    "mtile_full_noisy10": ("configs/magnetic_tile_patchcore.yaml", ["dataset.contamination={ratio: 0.1, seed: 0, overlap: false}"]),
 }
+REDUCED = ("mtile", "mtile_noisy10")  # fitted on MTILE_SUBSET, scored on the MTILE_TEST subset
 # feature aggregation variants: name -> detector params
 AGGREGATIONS = {
     "reference": {"feature_aggregation": "reference"},
@@ -168,7 +174,7 @@ def run_one(split_name: str, agg: str, coreset: float, out_dir: Path, cache_dir:
     cfg.name = f"study_{split_name}_{agg}_{coreset:g}"
     cfg.output.html = False
     (split,) = load_splits(cfg.dataset)
-    if split_name.startswith("mtile"):
+    if split_name in REDUCED:
         split = test_subset(split, MTILE_TEST["good"], MTILE_TEST["per_defect"], seed=0)
     stats = install_cache(cache_dir, split_name.split("_")[0])
     model, fit_timing = build_model(cfg, split)
