@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pyimgano_core.errors import ConfigError, ModelError
-from pyimgano_core.features.backbones import FeatureExtractor, build_torchvision_model
+from pyimgano_core.features.backbones import FeatureExtractor, build_torchvision_model, fuse_conv_bn
 from pyimgano_core.features.patch_embed import LocalPatchEmbedder
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared/weights/mobilenet_v2-b0353104.pth"
@@ -134,3 +134,30 @@ def test_channel_pooling_equals_adaptive_avg_pool1d(length, out):
     ref = F.adaptive_avg_pool1d(x.permute(0, 2, 3, 1).reshape(-1, 1, length), out).reshape(2, 5, 6, out)
     ours = adaptive_avg_pool_channels(x, out).permute(0, 2, 3, 1)
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name,layers", [("mobilenet_v2", ["features.6", "features.13"]), ("resnet18", ["layer2", "layer3"])])
+def test_batchnorm_folding_keeps_the_features(name, layers):
+    """The extractor folds BatchNorm into the convolutions: no BatchNorm left, same maps as the plain network."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    fx = FeatureExtractor(name, layers, weights=None)
+    called = [fx.body.get_submodule(n.target) for n in fx.body.graph.nodes if n.op == "call_module"]
+    assert called and not any(isinstance(m, torch.nn.BatchNorm2d) for m in called)  # no BatchNorm is run
+    model = build_torchvision_model(name, None).eval()
+    with torch.no_grad():  # non-trivial running statistics, so the folding has something to fold
+        for i, m in enumerate(model.modules()):
+            if isinstance(m, torch.nn.BatchNorm2d):
+                g = torch.Generator().manual_seed(i)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    plain = create_feature_extractor(model, return_nodes={layer: layer for layer in layers}).eval()
+    fx.body = fuse_conv_bn(create_feature_extractor(model, return_nodes={layer: layer for layer in layers}).eval())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref = plain((x - fx.mean) / fx.std)
+        ours = fx(x)
+    for layer, o in zip(layers, ours):
+        # float rounding of a deep network: relative to the layer's scale
+        torch.testing.assert_close(o, ref[layer], rtol=1e-4, atol=1e-5 * float(ref[layer].abs().max()))

@@ -75,6 +75,14 @@ def build_torchvision_model(name: str, weights: str | None) -> nn.Module:
         ) from None
 
 
+def fuse_conv_bn(body: nn.Module) -> nn.Module:
+    """``body`` (a torch.fx GraphModule in eval mode) with Conv -> BatchNorm pairs folded (torch.fx's
+    ``fuse``: only where the convolution's output feeds nothing but the BatchNorm)."""
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(body, inplace=True, no_trace=True).eval()
+
+
 class FeatureExtractor(nn.Module):
     """Feature maps of named layers of a torchvision model, in the order given.
 
@@ -94,7 +102,12 @@ class FeatureExtractor(nn.Module):
                 options = [n for n in modules if n and "." not in n.split(".", 2)[-1]] or list(modules)
                 raise ConfigError(f"Layer {layer!r} not found in {backbone}.{_close(layer, options)}")
         self.layers = list(layers)
-        self.body = create_feature_extractor(model, return_nodes={layer: layer for layer in layers}).eval()
+        body = create_feature_extractor(model, return_nodes={layer: layer for layer in layers}).eval()
+        # Inference only: each BatchNorm that directly follows a convolution is folded into it
+        # (w' = w * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta), the
+        # same affine map in one pass; fit, predict and export-onnx all see the folded network, and
+        # its outputs equal the unfolded one to float rounding (tests/test_backbones.py).
+        self.body = fuse_conv_bn(body)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
