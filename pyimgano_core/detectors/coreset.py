@@ -83,20 +83,26 @@ def _sqdist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
 def _rounding_slack(d: int) -> float:
     """Relative bound on the float32 screen ``|x|^2 - 2 fl(x.c) + |c|^2`` against the exact value.
 
-    The dot product and the squared norms each err by at most gamma_d (Higham) times
-    ``|x|^2 + |c|^2``; the few float32 additions around them add a few eps. Twice that sum.
+    The screen's product has d + 1 terms (the ``|c|^2`` column included) and errs by at most
+    gamma_{d+1} (Higham) times ``|x|^2 + 2 |c|^2``; the squared norms by gamma_d times theirs; a
+    few float32 roundings around them add a few eps. This is about 1.5x that sum.
     """
-    return (4.0 * d + 16.0) * float(np.finfo(np.float32).eps)
+    return (6.0 * d + 24.0) * float(np.finfo(np.float32).eps)
 
 
 class _Batched:
     """Exact greedy k-center over rows ``x`` (float32 [N, d]): stored distances and the pool."""
 
     def __init__(self, x: np.ndarray):
-        self.x = x
-        self.sq = np.einsum("ij,ij->i", x, x)
-        self.err = _rounding_slack(x.shape[1])
-        self.min_d = np.full(len(x), np.inf)  # float64, exact for the picks applied so far
+        N, d = x.shape
+        # rows carry a trailing 1, so one product gives -2 x.c + |c|^2 (1 - err) (see apply)
+        self.xa = np.empty((N, d + 1), np.float32)
+        self.xa[:, :d] = x
+        self.xa[:, d] = 1.0
+        self.x = self.xa[:, :d]
+        self.sq = np.einsum("ij,ij->i", self.x, self.x)
+        self.err = _rounding_slack(d)
+        self.min_d = np.full(N, np.inf)  # float64, exact for the picks applied so far
         self.exact_pairs = 0
         self.batches = 0
 
@@ -105,22 +111,22 @@ class _Batched:
         self.batches += 1
         x, sq, err = self.x, self.sq, self.err
         c = x[centers]
-        ct = np.ascontiguousarray(c.T)
-        u = (sq[centers] * (1.0 - err)).astype(np.float32)
+        ca = np.empty((x.shape[1] + 1, len(centers)), np.float32)
+        ca[:-1] = -2.0 * c.T
+        ca[-1] = sq[centers] * (1.0 - err)
         band = float(2.0 * err * sq[centers].max())
         for s in range(0, len(x), _BLOCK):
             e = min(len(x), s + _BLOCK)
             # float32 screen h = -2 x.c + |c|^2 (1 - err): a pair's float64 distance lies within
-            # h + |x|^2 (1 - err) (lower) and h + |x|^2 (1 + err) + band (upper). Only pairs whose
-            # lower bound is below both the stored distance and the row's best upper bound can
-            # set the new minimum, so few pairs per row need the float64 distance.
-            h = x[s:e] @ ct
-            h *= -2.0
-            h += u
+            # h + |x|^2 (1 - err) (lower) and h + |x|^2 (1 + err) + band (upper). A pair whose lower
+            # bound is not below the stored distance cannot lower it.
+            h = self.xa[s:e] @ ca
             xs = sq[s:e].astype(np.float64)
-            best = (h.min(1) + xs * (1.0 + err) + band) * (1.0 + _MARGIN)
-            t = (np.minimum(self.min_d[s:e] * (1.0 + _MARGIN), best) - xs * (1.0 - err)).astype(np.float32)
+            t = (self.min_d[s:e] * (1.0 + _MARGIN) - xs * (1.0 - err)).astype(np.float32)
             r, k = np.nonzero(h < t[:, None])
+            if len(r) > 2 * (e - s):  # many pairs (a first or far batch): only those that can be a row's new minimum
+                best = (h.min(1) + xs * (1.0 + err) + band) * (1.0 + _MARGIN) - xs * (1.0 - err)
+                r, k = np.nonzero(h < np.minimum(t, best.astype(np.float32))[:, None])
             self.exact_pairs += len(r)
             for q in range(0, len(r), _PAIRS):  # bounded memory however many pairs pass
                 rq, kq = s + r[q : q + _PAIRS], k[q : q + _PAIRS]
