@@ -32,10 +32,15 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(i), int(n)
 
 
-def shard_slice(items: Sequence, index: int, count: int) -> list:
-    """Shard ``index`` of ``count`` of an already sorted list: contiguous, sizes differ by at most one."""
-    n = len(items)
-    return list(items[index * n // count : (index + 1) * n // count])
+def shard_slice(items: Sequence, index: int, count: int, unit: int = 1) -> list:
+    """Shard ``index`` of ``count`` of an already sorted list: contiguous, cut on multiples of ``unit``.
+
+    With ``unit`` the engine's chunk, a shard's predict batches are exactly the local run's
+    (same images together), so its float32 sums, and its scores, are the local run's too: the
+    matrix products round differently for different batch shapes. Sizes differ by at most one
+    ``unit`` (the last shard may hold the remainder)."""
+    units = -(-len(items) // unit)
+    return list(items[index * units // count * unit : (index + 1) * units // count * unit])
 
 
 def shard_folder(index: int, count: int) -> str:
@@ -109,7 +114,7 @@ def export_on(executor, model, images: Sequence, out_dir, progress=None, base=No
             if shard is None:
                 return export_images(model, images, out_dir, progress, base=base) | {"cpu_threads": current_threads()}
             i, n = shard
-            summary = export_images(model, shard_slice(images, i, n), out_dir / shard_folder(i, n), progress, base=base)
+            summary = export_images(model, shard_slice(images, i, n, CHUNK), out_dir / shard_folder(i, n), progress, base=base)
             return summary | {"shard": f"{i}/{n}", "n_images_in_folder": len(images), "cpu_threads": current_threads()}
     _check_shippable(folder, runtime)
     n = max(1, min(math.ceil(len(images) / CHUNK), 4 * executor.slots))
@@ -117,7 +122,7 @@ def export_on(executor, model, images: Sequence, out_dir, progress=None, base=No
     key = runtime + ":" + hashlib.sha256(b"".join(k.encode() + blob[k] for k in sorted(blob))).hexdigest()[:16]
     handle = executor.share(blob)
     jobs = [Job(shard_folder(i, n), export_shard,
-                {"model": handle, "key": key, "runtime": runtime, "images": [str(p) for p in shard_slice(images, i, n)],
+                {"model": handle, "key": key, "runtime": runtime, "images": [str(p) for p in shard_slice(images, i, n, CHUNK)],
                  "out_dir": str(out_dir / shard_folder(i, n)), "base": str(base) if base else None})
             for i in range(n)]
     check_writable(out_dir)

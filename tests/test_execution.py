@@ -61,9 +61,12 @@ def test_shard_slices_cover_every_item_exactly_once():
     for n_items in (0, 1, 7, 40, 101):
         items = list(range(n_items))
         for count in (1, 2, 3, 7, 16):
-            parts = [shard_slice(items, i, count) for i in range(count)]
-            assert [x for p in parts for x in p] == items  # in order, no gap, no overlap
-            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+            for unit in (1, 16):
+                parts = [shard_slice(items, i, count, unit) for i in range(count)]
+                assert [x for p in parts for x in p] == items  # in order, no gap, no overlap
+                assert all(p[0] % unit == 0 for p in parts if p)  # cut on the engine's chunks: the local batches
+                full = [len(p) for p in parts[:-1]] + ([len(parts[-1])] if n_items % unit == 0 else [])
+                assert not full or max(full) - min(full) <= unit
     assert parse_shard("2/4") == (2, 4)
     for bad in ("4/4", "1", "-1/3", "a/b", "1/0"):
         with pytest.raises(ConfigError, match="--shard expects I/N"):
