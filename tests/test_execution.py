@@ -119,11 +119,7 @@ def test_unreachable_address_fails_fast_with_one_line(tree, tmp_path):
         port = s.getsockname()[1]
     cfg = write_config(tmp_path / "c.yaml", tree)
     for address in (f"ray://127.0.0.1:{port}", f"127.0.0.1:{port}"):
-        t0 = time.perf_counter()
-        res = run("eval", cfg, "--ray", address, "--out", tmp_path)
-        assert time.perf_counter() - t0 < 10
-        assert res.exit_code == 8 and "cannot reach the Ray cluster" in res.output, res.output
-        assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+        _fails_fast_with_one_line(cfg, address, tmp_path, "cannot reach the Ray cluster")
     res = run("eval", cfg, "--ray", "nonsense", "--out", tmp_path)
     assert res.exit_code == 2 and "execution.address" in res.output
 
@@ -137,11 +133,16 @@ def test_silent_listener_fails_fast_with_one_line(tree, tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen(8)  # the kernel completes the handshakes; nothing is ever read or sent
         for address in (f"127.0.0.1:{s.getsockname()[1]}", f"ray://127.0.0.1:{s.getsockname()[1]}"):
-            t0 = time.perf_counter()
-            res = run("eval", cfg, "--ray", address, "--out", tmp_path)
-            assert time.perf_counter() - t0 < 10
-            assert res.exit_code == 8 and "accepts connections but sends nothing within 3 s" in res.output, res.output
-            assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+            _fails_fast_with_one_line(cfg, address, tmp_path, "accepts connections but sends nothing within 3 s")
+
+
+def _fails_fast_with_one_line(cfg, address: str, tmp_path, message: str) -> None:
+    """``eval --ray ADDRESS`` gives up within seconds: exit 8, one line containing ``message``."""
+    t0 = time.perf_counter()
+    res = run("eval", cfg, "--ray", address, "--out", tmp_path)
+    assert time.perf_counter() - t0 < 10
+    assert res.exit_code == 8 and message in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
 
 
 def test_local_executor_pins_and_restores_the_thread_count():
