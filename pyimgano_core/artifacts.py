@@ -83,8 +83,48 @@ def load_backbone(detector, folder: Path, record: dict[str, Any]) -> None:
         emb = detector._make_embedder()
     finally:
         detector.params_ = fitted
+    if set(state) != set(emb.state_dict()):
+        state = fold_saved_batchnorm(state, set(emb.state_dict()), fitted.backbone)
     try:
         emb.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ModelError(f"{path}: backbone tensors do not fit {fitted.backbone}: {str(exc).splitlines()[0]}") from None
     detector.embedder = emb.eval()
+
+
+def _conv_of(bn: str) -> str | None:
+    """The convolution a BatchNorm follows, by torchvision's naming: ``<seq>.<i+1>`` after
+    ``<seq>.<i>`` (Sequential blocks), or ``...bnN`` after ``...convN`` (ResNet blocks)."""
+    head, _, last = bn.rpartition(".")
+    if last.isdigit() and int(last) > 0:
+        return f"{head}.{int(last) - 1}"
+    if last.startswith("bn"):
+        return f"{head}.conv{last[2:]}" if head else f"conv{last[2:]}"
+    return None
+
+
+def fold_saved_batchnorm(state: dict, wanted: set[str], backbone: str) -> dict:
+    """Backbone tensors saved by an earlier pyimgano, whose network kept some Conv -> BatchNorm pairs
+    unfolded (``<bn>.weight/bias/running_mean/running_var``), folded as today's network holds them
+    (``<conv>.weight`` scaled, ``<conv>.bias``): w' = w * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps) + beta.
+    Returns ``state`` unchanged where nothing matches (load_state_dict then names the mismatch)."""
+    import torch
+
+    from .features.backbones import build_torchvision_model
+
+    folds = [(k[: -len(".running_mean")], c) for k in state if k.endswith(".running_mean") and k not in wanted
+             for c in [_conv_of(k[: -len(".running_mean")])] if c and f"{c}.weight" in state and f"{c}.bias" in wanted]
+    if not folds:
+        return state
+    plain = dict(build_torchvision_model(backbone, None).named_modules())  # each BatchNorm's eps
+    out = dict(state)
+    for bn, conv in folds:
+        mod = plain.get(bn.split("body.", 1)[-1])
+        eps = getattr(mod, "eps", 1e-5)
+        g, beta, mean, var = (out.pop(f"{bn}.{n}") for n in ("weight", "bias", "running_mean", "running_var"))
+        out.pop(f"{bn}.num_batches_tracked", None)
+        scale = g / torch.sqrt(var + eps)
+        w = out[f"{conv}.weight"]
+        out[f"{conv}.weight"] = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+        out[f"{conv}.bias"] = (out.get(f"{conv}.bias", torch.zeros_like(mean)) - mean) * scale + beta
+    return out

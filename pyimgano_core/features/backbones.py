@@ -76,11 +76,24 @@ def build_torchvision_model(name: str, weights: str | None) -> nn.Module:
 
 
 def fuse_conv_bn(body: nn.Module) -> nn.Module:
-    """``body`` (a torch.fx GraphModule in eval mode) with Conv -> BatchNorm pairs folded (torch.fx's
-    ``fuse``: only where the convolution's output feeds nothing but the BatchNorm)."""
-    from torch.fx.experimental.optimization import fuse
+    """``body`` (a torch.fx GraphModule in eval mode) with every Conv -> BatchNorm pair folded.
 
-    return fuse(body, inplace=True, no_trace=True).eval()
+    Two passes: torch.fx's ``fuse`` folds pairs in the traced graph (only where the convolution's
+    output feeds nothing but the BatchNorm); torchvision's ``Conv2dNormActivation`` blocks are
+    leaves of that graph (MobileNetV2: 26 of its 39 BatchNorms), so a Conv2d directly followed by
+    a BatchNorm2d inside any ``nn.Sequential`` is folded there (a Sequential runs its children in
+    order, so the pair is the same affine map) and the BatchNorm becomes an Identity."""
+    from torch.fx.experimental.optimization import fuse
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    body = fuse(body, inplace=True, no_trace=True).eval()
+    for seq in [m for m in body.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+                seq._modules[a], seq._modules[b] = fuse_conv_bn_eval(conv, bn), nn.Identity()
+    return body
 
 
 class FeatureExtractor(nn.Module):
@@ -108,6 +121,9 @@ class FeatureExtractor(nn.Module):
         # same affine map in one pass; fit, predict and export-onnx all see the folded network, and
         # its outputs equal the unfolded one to float rounding (tests/test_backbones.py).
         self.body = fuse_conv_bn(body)
+        # channels_last (NHWC) weights and input: oneDNN's convolutions run ~2x faster on CPU in that
+        # layout (MobileNetV2 at 224: 14 vs 26 ms on 2 cores); same arithmetic, other summation order.
+        self.body.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
@@ -117,5 +133,5 @@ class FeatureExtractor(nn.Module):
         self.strides = [64 // int(out[k].shape[-1]) for k in self.layers]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = self.body((x - self.mean) / self.std)
-        return [out[k] for k in self.layers]
+        out = self.body(((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
+        return [out[k].contiguous() for k in self.layers]
