@@ -95,6 +95,21 @@ def test_pca_ivf_candidates_reranked_exactly(metric):
     np.testing.assert_array_equal(d2, d)
 
 
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_pca_ivf_coarse_stage_is_faiss_own(metric):
+    """The projection and list assignment done in torch propose the candidates faiss's own chain does."""
+    rng = np.random.default_rng(6)
+    bank, q = _low_rank(rng, 3000), _low_rank(rng, 200)
+    idx = KNNIndex(metric, kind="pca_ivf", pca_dim=16, ivf_nlist=32, ivf_nprobe=4, rerank_candidates=8).fit(bank)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True) if metric == "cosine" else q
+    _, theirs = idx._faiss.search(np.ascontiguousarray(qn, dtype=np.float32), 8)  # PCAMatrix + quantizer + scan
+    d, i = idx.search(q, k=1)
+    cand_d = np.take_along_axis(_brute(bank, q, metric), np.maximum(theirs, 0), 1)
+    np.testing.assert_array_equal(i[:, 0], theirs[np.arange(len(q)), cand_d.argmin(1)])  # the best of faiss's candidates
+    np.testing.assert_allclose(d[:, 0], cand_d.min(1), rtol=1e-5, atol=1e-5)
+
+
 def test_pca_ivf_saved_index_checks():
     rng = np.random.default_rng(6)
     bank = _low_rank(rng, 600)
