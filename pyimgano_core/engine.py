@@ -167,30 +167,22 @@ def score_stream(model: Model, images: Sequence, progress: Progress | None = Non
                 for i in range(start + CHUNK, min(n, start + 2 * CHUNK)):  # next chunk: decoded during predict
                     decoded.append(pool.submit(_decode, images[i]))
                 ok = [j for j, (_, err) in enumerate(chunk) if err is None]
-                pred = None
-                while ok:
-                    try:
-                        pred = model.detector.predict([chunk[j][0] for j in ok])
-                        break
-                    except DataError as exc:  # an image the model cannot use (e.g. smaller than its patch grid)
-                        bad = getattr(exc, "image_index", None)
-                        if bad is None:
-                            raise
-                        # Rare: only this chunk is predicted again, without the offending image.
-                        j = ok.pop(bad)
-                        item = images[start + j]
-                        name = item if isinstance(item, (str, Path)) else f"#{start + j}"
-                        chunk[j] = (None, str(exc).replace(f"image #{bad} ", f"image {name} "))
+                pred = model.detector.predict([chunk[j][0] for j in ok], on_error="report") if ok else None
+                # an image the model cannot use (e.g. smaller than its patch grid) fails alone, in the same pass
+                for bad, msg in sorted(pred.errors.items()) if pred else ():
+                    item = images[start + ok[bad]]
+                    name = item if isinstance(item, (str, Path)) else f"#{start + ok[bad]}"
+                    chunk[ok[bad]] = (None, msg.replace(f"image #{bad} ", f"image {name} "))
                 if timing is not None:
                     timing["decode_wait_s"] = timing.get("decode_wait_s", 0.0) + waited
                     for k, v in (pred.timing.items() if pred else ()):
                         timing[k] = timing.get(k, 0.0) + v
-                rows = iter(range(len(ok)))
+                row = {j: r for r, j in enumerate(ok)}  # chunk position -> row of the prediction
                 for j, (image, err) in enumerate(chunk):
                     if err is not None:
                         yield Scored(start + j, float("nan"), None, None, (0, 0), error=err)
                         continue
-                    r = next(rows)
+                    r = row[j]
                     hw = (int(pred.orig_hw[r][0]), int(pred.orig_hw[r][1]))
                     amap = region = None
                     if pred.maps is not None:

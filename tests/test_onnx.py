@@ -321,3 +321,28 @@ def test_onnx_runtime_never_imports_torch(fitted, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "cli/t/widget/export/predictions.jsonl").read_text().splitlines()]
     first = next(r for r in rows if r["path"] == str(probe))
     assert abs(first["score"] - expected.score) <= 1e-4 * abs(expected.score) and len(rows) == len(list(probe.parent.glob("*.png")))
+
+
+def test_onnx_detector_reports_an_image_the_graph_cannot_take():
+    """An input of another model-input size fails alone (on_error="report") and raises by default."""
+    from pyimgano_core.deploy.onnx_runtime import OnnxDetector
+    from pyimgano_core.errors import DataError
+    from pyimgano_core.features.geometry import Geometry
+
+    class Session:  # score = mean pixel, map = the first channel: enough to see which rows ran
+        runs = 0
+
+        def run(self, names, feeds):
+            Session.runs += 1
+            x = feeds["image"].astype(np.float32)
+            return x.mean(axis=(1, 2, 3)), x[..., 0], None
+
+    det = OnnxDetector(Session(), "patchcore", {}, Geometry(size=16, mode="shorter_side"), (16, 16), batch=8)
+    ok, wide = np.full((32, 32, 3), 100, np.uint8), np.full((32, 64, 3), 50, np.uint8)
+    pred = det.predict([ok, wide, ok], on_error="report")
+    assert list(pred.errors) == [1] and "ONNX graph takes 16x16" in pred.errors[1] and Session.runs == 1
+    np.testing.assert_allclose(pred.scores[[0, 2]], 100.0)
+    assert np.isnan(pred.scores[1])
+    assert np.isnan(pred.maps[1]).all() and pred.maps.shape == (3, 16, 16)
+    with pytest.raises(DataError, match="ONNX graph takes 16x16"):
+        det.predict([ok, wide])

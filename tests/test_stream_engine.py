@@ -38,9 +38,9 @@ class Counting:
     def __getattr__(self, name):
         return getattr(self.detector, name)
 
-    def predict(self, images):
+    def predict(self, images, **kw):
         self.seen += len(images)
-        return self.detector.predict(images)
+        return self.detector.predict(images, **kw)
 
 
 def test_bad_file_is_a_per_image_error_and_nothing_is_predicted_twice(setup, tmp_path, monkeypatch):
@@ -58,6 +58,28 @@ def test_bad_file_is_a_per_image_error_and_nothing_is_predicted_twice(setup, tmp
     alone = {s.index: s.score for s in engine.score_stream(model, paths)}
     good = [s for s in out if s.error is None]
     np.testing.assert_allclose([s.score for s in good], [alone[i] for i in range(len(paths))], rtol=1e-6)
+
+
+
+def test_image_the_model_cannot_use_fails_alone_in_the_same_pass(setup, monkeypatch):
+    """An image smaller than the patch grid decodes fine but cannot be scored: it is a per-image error
+    of the prediction, and the chunk's other images are not predicted a second time."""
+    _, split, model = setup
+    paths = [s.path for s in split.test]
+    tiny = np.full((2, 2, 3), 128, np.uint8)
+    images = paths[:2] + [tiny] + paths[2:]
+    monkeypatch.setattr(engine, "CHUNK", 4)
+    counting = Model(Counting(model.detector), model.postprocess)
+    out = list(engine.score_stream(counting, images))
+    assert counting.detector.seen == len(images)  # every decodable image once, the tiny one included
+    assert [s.index for s in out] == list(range(len(images)))
+    assert "image #2 is 2x2 px, smaller than the model's" in out[2].error
+    alone = {s.index: s.score for s in engine.score_stream(model, paths)}
+    good = [s.score for s in out if s.error is None]
+    np.testing.assert_allclose(good, [alone[i] for i in range(len(paths))], rtol=1e-6)
+    with pytest.raises(engine.DataError, match="smaller than the model's") as err:  # the detector API itself raises
+        model.detector.predict([paths[0], tiny])
+    assert err.value.image_index == 1
 
 
 def test_evaluate_split_streamed_metrics_equal_in_memory_path(setup, tmp_path):

@@ -41,6 +41,7 @@ class OnnxPrediction:
     boxes: np.ndarray
     orig_hw: np.ndarray
     timing: dict[str, float] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 class OnnxDetector:
@@ -64,21 +65,40 @@ class OnnxDetector:
                             f"(resize_mode {self.geometry.mode}); export again from images of this size")
         return x, self.geometry.box(hw), hw
 
-    def predict(self, images: Sequence) -> OnnxPrediction:
+    def predict(self, images: Sequence, on_error: str = "raise") -> OnnxPrediction:
+        """As ``Detector.predict``: an image the graph cannot take raises, or (``on_error="report"``)
+        is listed in ``errors`` with a NaN score and map while the others are scored."""
         t0 = time.perf_counter()
-        items = [self._prepare(im) for im in images]
+        items, errors = [], {}
+        for i, im in enumerate(images):
+            try:
+                items.append(self._prepare(im))
+            except DataError as exc:
+                if on_error == "raise":
+                    raise
+                errors[i] = str(exc)
+                items.append(None)
         t1 = time.perf_counter()
-        x = np.stack([it[0] for it in items])
-        scores, maps = [], []
+        good = [it for it in items if it is not None]
+        h, w = self.input_hw
+        scores, maps = [np.zeros(0, np.float32)], [np.zeros((0, h, w), np.float32)]
+        x = np.stack([it[0] for it in good]) if good else np.zeros((0, h, w, 3), np.uint8)
         for s in range(0, len(x), self.batch):
             sc, mp, _ = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x[s : s + self.batch]})
             scores.append(sc)
             maps.append(mp)
         t2 = time.perf_counter()
-        return OnnxPrediction(scores=np.concatenate(scores).astype(np.float32), maps=np.concatenate(maps).astype(np.float32),
-                              boxes=np.array([it[1] for it in items], dtype=np.float64),
-                              orig_hw=np.array([it[2] for it in items], dtype=np.int64),
-                              timing={"load_s": t1 - t0, "onnx_s": t2 - t1})
+        sc, mp = np.concatenate(scores).astype(np.float32), np.concatenate(maps).astype(np.float32)
+        if errors:  # NaN rows where an image could not be used
+            keep = np.array([it is not None for it in items])
+            sc_all, mp_all = np.full(len(items), np.nan, np.float32), np.full((len(items), h, w), np.nan, np.float32)
+            sc_all[keep], mp_all[keep] = sc, mp
+            sc, mp = sc_all, mp_all
+        fill = ((0.0, 0.0, 0.0, 0.0), (0, 0))
+        return OnnxPrediction(scores=sc, maps=mp,
+                              boxes=np.array([(it or (None, *fill))[1] for it in items], dtype=np.float64),
+                              orig_hw=np.array([(it or (None, *fill))[2] for it in items], dtype=np.int64),
+                              timing={"load_s": t1 - t0, "onnx_s": t2 - t1}, errors=errors)
 
 
 @dataclass

@@ -197,9 +197,9 @@ class FoundationPatchKNN(PatchKNNDetector):
         p = self.params_
         return build_embedder(p.backbone, p.weights, p.layers, p.device)
 
-    def _embed(self, images: list, timing: dict):
+    def _embed(self, images: list, timing: dict, errors: dict | None = None):
         # The foreground of each batch is kept for _score_patches and _fit, which see the batch next.
-        for feats, batch in super()._embed(images, timing):
+        for feats, batch in super()._embed(images, timing, errors):
             p = self.params_
             self._batch_fg = (np.stack([foreground_mask(f, p.threshold(), morphology=p.mask_morphology) for f in feats])
                               if p.masking_on() else None)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from ..errors import ConfigError, NotFittedError
+from ..errors import ConfigError, DataError, NotFittedError
 
 MAX_SIDE = 8192  # pixels: larger model inputs are a typo, not a plan
 
@@ -54,6 +54,9 @@ class Prediction:
     sizes differ), in model-input geometry, or ``None`` for image-level detectors.
     ``boxes``: float [N, 4], (y0, x0, y1, x1) of the original image each map covers.
     ``orig_hw``: int [N, 2], the original image sizes.
+    ``errors``: images the detector could not score (index -> one-line reason, e.g. smaller than
+    its patch grid); their rows hold a NaN score and a placeholder map. The other images of the
+    batch are scored in the same pass (nothing is predicted twice).
     """
 
     scores: np.ndarray
@@ -61,6 +64,7 @@ class Prediction:
     boxes: np.ndarray
     orig_hw: np.ndarray
     timing: dict[str, float] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 class Detector:
@@ -80,9 +84,18 @@ class Detector:
         self._fit(list(images))
         return self
 
-    def predict(self, images: Sequence) -> Prediction:
+    def predict(self, images: Sequence, on_error: str = "raise") -> Prediction:
+        """Score ``images``. An image the detector cannot use raises a :class:`DataError` carrying
+        ``image_index`` (``on_error="raise"``), or is listed in ``Prediction.errors`` (``"report"``:
+        the engine's way, so one bad image never costs the others a second pass)."""
         self.check_fitted()
-        return self._predict(list(images))
+        pred = self._predict(list(images))
+        if pred.errors and on_error == "raise":
+            first = min(pred.errors)
+            exc = DataError(pred.errors[first])
+            exc.image_index = first
+            raise exc
+        return pred
 
     def check_fitted(self) -> None:
         if not hasattr(self, "params_"):

@@ -82,15 +82,19 @@ def _current_rss() -> int:
 
 
 # ---------------------------------------------------------------------------- base detector
-def _check_grid(images, start: int, orig_hw: np.ndarray, grid_hw: tuple[int, int]) -> None:
-    """Refuse an image smaller than the patch grid: its map would be invented by upsampling."""
+def _check_grid(images, start: int, orig_hw: np.ndarray, grid_hw: tuple[int, int], errors: dict | None) -> None:
+    """Refuse an image smaller than the patch grid: its map would be invented by upsampling.
+
+    ``errors`` (predict): the reason is recorded under the image's index and the batch goes on;
+    None (fit): the first such image raises."""
     for j, (h, w) in enumerate(orig_hw):
         if h < grid_hw[0] or w < grid_hw[1]:
             item = images[start + j]
             name = item if isinstance(item, (str, os.PathLike)) else f"#{start + j}"
-            exc = DataError(f"image {name} is {w}x{h} px, smaller than the model's {grid_hw[1]}x{grid_hw[0]} patch grid")
-            exc.image_index = start + j  # lets the engine fail this one image, not the whole chunk
-            raise exc
+            msg = f"image {name} is {w}x{h} px, smaller than the model's {grid_hw[1]}x{grid_hw[0]} patch grid"
+            if errors is None:
+                raise DataError(msg)
+            errors[start + j] = msg
 
 
 class PatchKNNDetector(Detector):
@@ -127,11 +131,11 @@ class PatchKNNDetector(Detector):
         size = self.image_size_ if p.image_size == "auto" else p.image_size  # auto: resolved by the fit
         return Geometry(size=size, crop=p.crop, mode=p.resize_mode)
 
-    def _batches(self, images: list):
+    def _batches(self, images: list, errors: dict | None = None):
         p = self.params_
         if getattr(p, "tiling", None) is None:
             return iter_batches(images, self.geometry, p.batch_size)
-        return iter_tile_batches(images, p.tiling, p.batch_size, getattr(self, "tile_grid_", None))
+        return iter_tile_batches(images, p.tiling, p.batch_size, getattr(self, "tile_grid_", None), errors)
 
 
     def _embedder(self) -> PatchEmbedder:
@@ -139,11 +143,14 @@ class PatchKNNDetector(Detector):
             self.embedder = self._make_embedder()
         return self.embedder
 
-    def _embed(self, images: list, timing: dict):
-        """Yield (features [B, h', w', D] float32 numpy, batch); adds load/embed seconds to ``timing``."""
+    def _embed(self, images: list, timing: dict, errors: dict | None = None):
+        """Yield (features [B, h', w', D] float32 numpy, batch); adds load/embed seconds to ``timing``.
+
+        ``errors`` (predict): images that cannot be scored are recorded there (index -> reason) instead
+        of raising; untiled, such an image is still in its batch (its rows are ignored by the caller)."""
         emb = self._embedder()
         p = self.params_
-        batches = self._batches(images)
+        batches = self._batches(images, errors)
         start = 0
         while True:
             t0 = time.perf_counter()
@@ -157,7 +164,8 @@ class PatchKNNDetector(Detector):
             if feats.ndim != 4 or len(feats) != len(batch.pixels):
                 raise ValueError(f"embedder must return [B, h, w, D] features, got shape {feats.shape}")
             timing["embed_s"] = timing.get("embed_s", 0.0) + time.perf_counter() - t1
-            _check_grid(images, start, batch.orig_hw, feats.shape[1:3])
+            if getattr(p, "tiling", None) is None:
+                _check_grid(images, start, batch.orig_hw, feats.shape[1:3], errors)
             start += len(feats)
             yield feats, batch
 
@@ -316,9 +324,9 @@ class PatchKNNDetector(Detector):
         p = self.params_
         if getattr(p, "tiling", None) is not None:
             return predict_tiled(self, images)
-        scores, maps, boxes, hws = [], [], [], []
+        scores, maps, boxes, hws, errors = [], [], [], [], {}
         timing = dict(load_s=0.0, embed_s=0.0, search_s=0.0, maps_s=0.0)
-        for feats, batch in self._embed(images, timing):
+        for feats, batch in self._embed(images, timing, errors):
             B, h, w, D = feats.shape
             t0 = time.perf_counter()
             dists, idx = self._knn().search(feats.reshape(-1, D), k=self._k())
@@ -333,12 +341,15 @@ class PatchKNNDetector(Detector):
             timing["search_s"] += t1 - t0
             timing["maps_s"] += time.perf_counter() - t1
         same = len({m.shape for m in maps}) == 1
+        scores = np.concatenate(scores).astype(np.float32)
+        scores[list(errors)] = np.nan
         return Prediction(
-            scores=np.concatenate(scores).astype(np.float32),
+            scores=scores,
             maps=np.stack(maps) if same else maps,
             boxes=np.concatenate(boxes),
             orig_hw=np.concatenate(hws),
             timing=timing,
+            errors=errors,
         )
 
     def _k(self) -> int:

@@ -144,11 +144,12 @@ def _name(images: Sequence, i: int) -> str:
 
 
 def iter_tile_batches(images: Sequence, tiling: Tiling, batch_size: int, grid_shape: tuple[int, int] | None = None,
-                      workers: int = 4) -> Iterator[TileBatch]:
+                      errors: dict | None = None, workers: int = 4) -> Iterator[TileBatch]:
     """Yield batches of ``batch_size`` tiles in input order, decoding images on threads two ahead.
 
-    ``grid_shape`` (the per_tile bank's tile grid): an image with another grid fails alone, as a
-    :class:`DataError` carrying ``image_index`` (the engine then scores the other images).
+    An image that cannot be tiled (smaller than a tile; with ``grid_shape``, the per_tile bank's
+    tile grid, another grid) fails alone: its reason goes into ``errors`` (index -> message) and
+    it gives no tiles, or, with ``errors`` None, it raises a :class:`DataError`.
     """
     pending: list[tuple[np.ndarray, int, int, tuple[int, int]]] = []  # (tile, owner, pos, owner's hw)
     grids: dict[int, TileGrid] = {}  # planned, not yet sent with a batch
@@ -175,13 +176,11 @@ def iter_tile_batches(images: Sequence, tiling: Tiling, batch_size: int, grid_sh
                     raise DataError(f"image {_name(images, i)} gives a {grid.shape[0]}x{grid.shape[1]} tile grid but the "
                                     f"per_tile memory banks are {grid_shape[0]}x{grid_shape[1]}; tiling.bank: per_tile "
                                     "needs images of one size (or use tiling.bank: shared)")
-            except ConfigError as exc:  # at predict time: this image fails, not the whole run
-                err = DataError(str(exc))
-                err.image_index = i
-                raise err from None
-            except DataError as exc:
-                exc.image_index = i
-                raise
+            except (ConfigError, DataError) as exc:  # at predict time: this image fails, not the whole run
+                if errors is None:
+                    raise DataError(str(exc)) from None
+                errors[i] = str(exc)
+                continue
             grids[i] = grid
             pending.extend((t, i, k, image.shape[:2]) for k, t in enumerate(cut_tiles(image, grid)))
             while len(pending) >= batch_size:
@@ -284,7 +283,8 @@ def predict_tiled(det, images: list) -> Prediction:
     timing = dict(load_s=0.0, embed_s=0.0, search_s=0.0, maps_s=0.0)
     open_: dict[int, Stitcher] = {}
     scores, maps, hws = np.zeros(len(images), np.float32), [None] * len(images), np.zeros((len(images), 2), np.int64)
-    for feats, batch in det._embed(images, timing):
+    errors: dict[int, str] = {}
+    for feats, batch in det._embed(images, timing, errors):
         B, h, w, D = feats.shape
         t0 = time.perf_counter()
         patch = np.empty((B, h, w), np.float32)
@@ -307,9 +307,12 @@ def predict_tiled(det, images: list) -> Prediction:
                 hws[o] = st.grid.orig_hw
         timing["search_s"] += t1 - t0
         timing["maps_s"] += time.perf_counter() - t1
+    for o in errors:  # no tiles: a NaN score and a 1x1 placeholder map (Prediction.errors says why)
+        scores[o], maps[o] = np.nan, np.full((1, 1), np.nan, np.float32)
     boxes = np.array([[0.0, 0.0, float(h), float(w)] for h, w in hws])
     same = len({m.shape for m in maps}) == 1
-    return Prediction(scores=scores, maps=np.stack(maps) if same else maps, boxes=boxes, orig_hw=hws, timing=timing)
+    return Prediction(scores=scores, maps=np.stack(maps) if same else maps, boxes=boxes, orig_hw=hws, timing=timing,
+                      errors=errors)
 
 
 def describe(tiling: Tiling) -> dict:
