@@ -20,6 +20,7 @@ share by w**2).
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -46,20 +47,71 @@ class LocalPatchEmbedder(nn.Module):
         pad = (k - 1) // 2
         B = maps[0].shape[0]
         h, w = (s + 2 * pad - k + 1 for s in maps[0].shape[-2:])  # the first tap's patch grid
-        per_layer = []
+        unfolded = []
         for fmap in maps:
             # (B, C, h_l, w_l) -> (B, C*k*k, gh, gw): the k x k neighbourhood of every position
             c = fmap.shape[1]
             hl, wl = (s + 2 * pad - k + 1 for s in fmap.shape[-2:])
             if hl < 1 or wl < 1:
                 raise ConfigError(f"detector.params.patch_size={k} is larger than a {tuple(fmap.shape[-2:])} feature map; use a larger image_size")
-            u = F.unfold(fmap, kernel_size=k, padding=pad, stride=1).view(B, c * k * k, hl, wl)
-            if (hl, wl) != (h, w):
-                u = F.interpolate(u, size=(h, w), mode="bilinear", align_corners=False)
-            per_layer.append(adaptive_avg_pool_channels(u, self.pretrain_dim))  # (B, pretrain_dim, h, w)
-        x = torch.cat(per_layer, dim=1)  # (B, n_layers * pretrain_dim, h, w), layer-major as the reference
-        x = adaptive_avg_pool_channels(x, self.target_dim)
+            unfolded.append(F.unfold(fmap, kernel_size=k, padding=pad, stride=1).view(B, c * k * k, hl, wl))
+        mix = pooling_mix(tuple(u.shape[1] for u in unfolded), self.pretrain_dim, self.target_dim)
+        if mix is None:  # strong down-pooling (long bins): the two pooling stages one after the other
+            per_layer = []
+            for u in unfolded:
+                if u.shape[-2:] != (h, w):
+                    u = F.interpolate(u, size=(h, w), mode="bilinear", align_corners=False)
+                per_layer.append(adaptive_avg_pool_channels(u, self.pretrain_dim))  # (B, pretrain_dim, h, w)
+            x = adaptive_avg_pool_channels(torch.cat(per_layer, dim=1), self.target_dim)  # layer-major concat, as the reference
+            return x.permute(0, 2, 3, 1).contiguous()  # (B, h, w, target_dim)
+        # Both pooling stages are one fixed linear map of each layer's channels (a few terms per output
+        # channel), and bilinear resizing is the same linear map on every channel, so the two commute:
+        # mix each layer's channels at its own resolution, then resize only the channels it feeds
+        # (MobileNetV2 features.13: 512 instead of 864 channels, mixed at 14x14 instead of 28x28).
+        x = torch.zeros(B, self.target_dim, h, w, dtype=unfolded[0].dtype, device=unfolded[0].device)
+        for u, (rows, idx, wts) in zip(unfolded, mix):
+            y = u.index_select(1, idx[0].to(u.device)).mul_(wts[0].to(u.device).view(1, -1, 1, 1))
+            for t in range(1, len(idx)):
+                y.addcmul_(u.index_select(1, idx[t].to(u.device)), wts[t].to(u.device).view(1, -1, 1, 1))
+            if y.shape[-2:] != (h, w):
+                y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+            x.index_add_(1, rows.to(u.device), y)
         return x.permute(0, 2, 3, 1).contiguous()  # (B, h, w, target_dim)
+
+
+_MAX_TERMS = 16  # input channels per output channel up to which the composite mix is used
+
+
+@functools.lru_cache(maxsize=32)
+def pooling_mix(lengths: tuple[int, ...], pretrain: int, target: int):
+    """The reference's two pooling stages (each layer's L_l channels -> ``pretrain``, layers concatenated
+    layer-major, -> ``target``) as one sparse linear map per layer: [(rows, idx [T, R], weights [T, R])],
+    output channel ``rows[r]`` receiving ``sum_t weights[t, r] * u[idx[t, r]]`` from that layer (weight
+    = 1 / (layer bin length * target bin length), summed where bins share a channel; padding terms have
+    weight 0). None when some output channel needs more than ``_MAX_TERMS`` terms."""
+    lengths = tuple(int(v) for v in lengths)
+    t_start, t_len = adaptive_pool_bins(len(lengths) * pretrain, target)
+    layer_bins = [adaptive_pool_bins(n, pretrain) for n in lengths]
+    terms: list[dict[int, dict[int, float]]] = [{} for _ in lengths]  # layer -> out channel -> {input channel: weight}
+    for o in range(target):
+        for m in range(int(t_start[o]), int(t_start[o] + t_len[o])):
+            layer, j = divmod(m, pretrain)
+            start, n = layer_bins[layer][0][j], layer_bins[layer][1][j]
+            row = terms[layer].setdefault(o, {})
+            for i in range(int(start), int(start + n)):
+                row[i] = row.get(i, 0.0) + 1.0 / (float(n) * float(t_len[o]))
+    out = []
+    for per_out in terms:  # every layer feeds some output channel (target >= 1, layers of equal share)
+        width = max(len(r) for r in per_out.values())
+        if width > _MAX_TERMS:
+            return None
+        rows = np.array(sorted(per_out), dtype=np.int64)
+        idx, wts = np.zeros((width, len(rows)), np.int64), np.zeros((width, len(rows)), np.float32)
+        for r, o in enumerate(rows):
+            for t, (i, wt) in enumerate(sorted(per_out[int(o)].items())):
+                idx[t, r], wts[t, r] = i, wt
+        out.append((torch.from_numpy(rows), torch.from_numpy(idx), torch.from_numpy(wts)))
+    return out
 
 
 def adaptive_pool_bins(length: int, out: int) -> tuple[np.ndarray, np.ndarray]:
