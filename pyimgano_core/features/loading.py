@@ -34,7 +34,12 @@ def iter_batches(images: Sequence, geometry: Geometry, batch_size: int, workers:
 
     Decoding runs ``workers`` images ahead on threads (OpenCV and PIL release the GIL), so
     the network never waits for PNG decoding. Memory holds at most ~2 batches of inputs.
+    A single image is prepared inline: there is nothing to overlap it with (an inspection
+    server's one-frame ``predict``), and the thread hand-off would only add latency.
     """
+    if len(images) == 1:
+        yield _collate([_prepare(images[0], geometry)])
+        return
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(_prepare, im, geometry) for im in images[: 2 * batch_size]]
         nxt = len(futures)
