@@ -76,6 +76,14 @@ SPLITS = {
     "mtile_full": ("configs/magnetic_tile_patchcore.yaml", []),
     "mtile_full_noisy10": ("configs/magnetic_tile_patchcore.yaml", ["dataset.contamination={ratio: 0.1, seed: 0, overlap: false}"]),
 }
+SPLIT_NOTES = {
+    "bottle": "MVTec AD bottle, 209 train / 83 test",
+    "bottle_noisy10": "bottle with 20 defective test images moved into training, scored on the 63 left",
+    "mtile": "Magnetic-tile REDUCED: fitted on 250 of the 762 training images, scored on a seeded 180-image test subset",
+    "mtile_noisy10": "the reduced Magnetic-tile split, 76 defective images moved into training before the draw",
+    "mtile_full": "Magnetic-tile full size: all 762 training images, the whole 582-image test set",
+    "mtile_full_noisy10": "full-size Magnetic-tile with 76 defective test images (10% of 762) moved into training, scored on the 506 left",
+}
 REDUCED = ("mtile", "mtile_noisy10")  # fitted on MTILE_SUBSET, scored on the MTILE_TEST subset
 # feature aggregation variants: name -> detector params
 AGGREGATIONS = {
@@ -268,7 +276,8 @@ def markdown(summary: dict) -> str:
                       "feature aggregation + coreset (backbone forward cached, shared by every row), wall-clock on a shared "
                       "2-core machine under load from other jobs: compare within a column only. The exact coreset became ~15x "
                       "faster during the study (same picks, commits 54ba3aa..9841b78): bottle `concat` at 10% and every "
-                      "mtile_full* row were fitted after it, the other rows before, so their fit s are not comparable.", "", *lines, "", "Runs:", runs, ""])
+                      "mtile_full* row were fitted after it, the other rows before, so their fit s are not comparable.", "",
+                      "Splits: " + "; ".join(f"{s} = {SPLIT_NOTES[s]}" for s in splits) + ".", "", *lines, "", "Runs:", runs, ""])
 
 
 def main() -> None:
