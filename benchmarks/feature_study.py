@@ -276,7 +276,9 @@ def markdown(summary: dict) -> str:
                       "feature aggregation + coreset (backbone forward cached, shared by every row), wall-clock on a shared "
                       "2-core machine under load from other jobs: compare within a column only. The exact coreset became ~15x "
                       "faster during the study (same picks, commits 54ba3aa..9841b78): bottle `concat` at 10% and every "
-                      "mtile_full* row were fitted after it, the other rows before, so their fit s are not comparable.", "",
+                      "mtile_full* row were fitted after it, the other rows before, so their fit s are not comparable; the "
+                      "mtile_full* runs were also paused (SIGSTOP) for minutes while other jobs were timed, so their fit s "
+                      "and predict s are wall-clock upper bounds.", "",
                       "Splits: " + "; ".join(f"{s} = {SPLIT_NOTES[s]}" for s in splits) + ".", "", *lines, "", "Runs:", runs, ""])
 
 
