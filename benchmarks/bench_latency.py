@@ -139,7 +139,8 @@ def evaluate(run_dir: Path, params: dict, out: Path, extra: list[str] = ()) -> d
     wall, rss, _ = cli("eval", CFG, "--model", run_dir, *extra, *sets(params), "--out", out, "-q")
     rep = json.loads(next(out.rglob("report.json")).read_text())
     m = rep["metrics"]
-    return {"image_auroc": round(m["image_auroc"], 4), "pixel_auroc": round(m["pixel_auroc"], 4), "aupro": round(m["aupro"], 4),
+    # 6 decimals: the Markdown prints 4 (rounding 0.98249 to 4 and then to 3 decimals read 0.983)
+    return {"image_auroc": round(m["image_auroc"], 6), "pixel_auroc": round(m["pixel_auroc"], 6), "aupro": round(m["aupro"], 6),
             "eval_predict_s_per_image": round(rep["timing"]["predict_s_per_image"], 4), "eval_wall_s": round(wall, 1),
             "eval_peak_rss_mib": round(rss)}
 
@@ -308,8 +309,8 @@ def write_markdown(res: dict, path: Path) -> None:
         for name, r in b["rows"].items():
             lat = r["latency"]
             lines.append(f"| {name} {r['params'] or ''} | {lat.get('array_median_ms', '-')} | {lat.get('array_p95_ms', '-')} | "
-                         f"{lat['median_ms']} | {lat['p95_ms']} | {r['image_auroc']:.3f} | "
-                         f"{r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r.get('recall_at_1', 1.0)} | {r.get('index_build_s', '-')} | "
+                         f"{lat['median_ms']} | {lat['p95_ms']} | {r['image_auroc']:.4f} | "
+                         f"{r['pixel_auroc']:.4f} | {r['aupro']:.4f} | {r.get('recall_at_1', 1.0)} | {r.get('index_build_s', '-')} | "
                          f"{r.get('model_load_s', '-')} | {r.get('model_mib', '-')} |")
             if "latency_baseline_code" in r:
                 lb = r["latency_baseline_code"]
