@@ -136,40 +136,10 @@ def test_channel_pooling_equals_adaptive_avg_pool1d(length, out):
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name,layers", [("mobilenet_v2", ["features.6", "features.13"]), ("resnet18", ["layer2", "layer3"])])
-def test_batchnorm_folding_keeps_the_features(name, layers):
-    """The extractor folds BatchNorm into the convolutions: no BatchNorm left, same maps as the plain network."""
+def _plain_network(name, layers):
+    """The unfolded torchvision network (random init) with non-trivial BatchNorm statistics and
+    affine terms, so folding has something to fold; and its plain feature extractor."""
     from torchvision.models.feature_extraction import create_feature_extractor
-
-    fx = FeatureExtractor(name, layers, weights=None)
-    # none left anywhere: neither in the traced graph nor inside its leaf blocks (Conv2dNormActivation)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fx.body.modules())
-    model = build_torchvision_model(name, None).eval()
-    with torch.no_grad():  # non-trivial running statistics, so the folding has something to fold
-        for i, m in enumerate(model.modules()):
-            if isinstance(m, torch.nn.BatchNorm2d):
-                g = torch.Generator().manual_seed(i)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    plain = create_feature_extractor(model, return_nodes={layer: layer for layer in layers}).eval()
-    fx.body = fuse_conv_bn(create_feature_extractor(model, return_nodes={layer: layer for layer in layers}).eval())
-    x = torch.rand(2, 3, 64, 64)
-    with torch.inference_mode():
-        ref = plain((x - fx.mean) / fx.std)
-        ours = fx(x)
-    for layer, o in zip(layers, ours):
-        # float rounding of a deep network: relative to the layer's scale
-        torch.testing.assert_close(o, ref[layer], rtol=1e-4, atol=1e-5 * float(ref[layer].abs().max()))
-
-
-@pytest.mark.parametrize("name,layers", [("mobilenet_v2", ["features.6", "features.13"]), ("resnet18", ["layer2", "layer3"])])
-def test_backbone_tensors_of_an_unfolded_network_still_load(name, layers):
-    """A model folder saved when the network kept Conv -> BatchNorm pairs (earlier pyimgano) loads into
-    today's folded network (artifacts.fold_saved_batchnorm) and gives the plain network's maps."""
-    from torchvision.models.feature_extraction import create_feature_extractor
-
-    from pyimgano_core.artifacts import fold_saved_batchnorm
 
     model = build_torchvision_model(name, None).eval()
     with torch.no_grad():
@@ -180,15 +150,42 @@ def test_backbone_tensors_of_an_unfolded_network_still_load(name, layers):
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    plain = create_feature_extractor(model, return_nodes={layer: layer for layer in layers}).eval()
-    saved = {f"body.{k}": v for k, v in plain.state_dict().items()}  # every BatchNorm still there
-    fx = FeatureExtractor(name, layers, weights=None)
-    wanted = set(fx.state_dict())
-    assert set(saved) != wanted
-    fx.load_state_dict(fold_saved_batchnorm(saved, wanted, name), strict=True)
+    return model, create_feature_extractor(model, return_nodes={layer: layer for layer in layers}).eval()
+
+
+def _assert_same_maps(fx, plain, layers):
     x = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
         ref = plain((x - fx.mean) / fx.std)
         ours = fx(x)
     for layer, o in zip(layers, ours):
+        # float rounding of a deep network: relative to the layer's scale
         torch.testing.assert_close(o, ref[layer], rtol=1e-4, atol=1e-5 * float(ref[layer].abs().max()))
+
+
+@pytest.mark.parametrize("name,layers", [("mobilenet_v2", ["features.6", "features.13"]), ("resnet18", ["layer2", "layer3"])])
+def test_batchnorm_folding_keeps_the_features(name, layers):
+    """The extractor folds BatchNorm into the convolutions: no BatchNorm left, same maps as the plain network."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    fx = FeatureExtractor(name, layers, weights=None)
+    # none left anywhere: neither in the traced graph nor inside its leaf blocks (Conv2dNormActivation)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fx.body.modules())
+    model, plain = _plain_network(name, layers)
+    fx.body = fuse_conv_bn(create_feature_extractor(model, return_nodes={layer: layer for layer in layers}).eval())
+    _assert_same_maps(fx, plain, layers)
+
+
+@pytest.mark.parametrize("name,layers", [("mobilenet_v2", ["features.6", "features.13"]), ("resnet18", ["layer2", "layer3"])])
+def test_backbone_tensors_of_an_unfolded_network_still_load(name, layers):
+    """A model folder saved when the network kept Conv -> BatchNorm pairs (earlier pyimgano) loads into
+    today's folded network (artifacts.fold_saved_batchnorm) and gives the plain network's maps."""
+    from pyimgano_core.artifacts import fold_saved_batchnorm
+
+    _, plain = _plain_network(name, layers)
+    saved = {f"body.{k}": v for k, v in plain.state_dict().items()}  # every BatchNorm still there
+    fx = FeatureExtractor(name, layers, weights=None)
+    wanted = set(fx.state_dict())
+    assert set(saved) != wanted
+    fx.load_state_dict(fold_saved_batchnorm(saved, wanted, name), strict=True)
+    _assert_same_maps(fx, plain, layers)
