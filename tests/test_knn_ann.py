@@ -133,13 +133,17 @@ def test_pca_ivf_sizes_beyond_the_bank_are_config_errors():
         KNNIndex(kind="pca_ivf", pca_dim=4, ivf_nlist=2, ivf_nprobe=1, rerank_candidates=64).fit(bank)
 
 
-def test_ivf_rows_missing_neighbours_fall_back_to_exact():
+@pytest.mark.parametrize("kind,metric", [("ivf", "l2"), ("pca_ivf", "l2"), ("pca_ivf", "cosine")])
+def test_ivf_rows_missing_neighbours_fall_back_to_exact(kind, metric):
     rng = np.random.default_rng(2)
     bank, q = _clustered(rng, 400, centers=4), _clustered(rng, 50, centers=4)
-    # 16 tiny lists, one visited, k larger than most lists: faiss returns -1 there
-    d, i = KNNIndex(kind="ivf", ivf_nlist=16, ivf_nprobe=1).fit(bank).search(q, k=60)
-    assert (i >= 0).all()
-    ref = _brute(bank, q, "l2")
+    # 16 tiny lists, one visited, k (and pca_ivf's candidates) larger than most lists: faiss returns -1
+    # there; those candidates must not be read as bank row -1 (the re-rank clamps and masks them)
+    extra = {"pca_dim": 8, "rerank_candidates": 60} if kind == "pca_ivf" else {}
+    d, i = KNNIndex(metric, kind=kind, ivf_nlist=16, ivf_nprobe=1, **extra).fit(bank).search(q, k=60)
+    assert (i >= 0).all() and np.isfinite(d).all()
+    assert all(len(set(row)) == 60 for row in i.tolist())
+    ref = _brute(bank, q, metric)
     np.testing.assert_allclose(d, np.take_along_axis(ref, i, 1), rtol=1e-4, atol=1e-4)
 
 

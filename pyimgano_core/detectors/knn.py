@@ -157,7 +157,6 @@ class KNNIndex:
             self._centroids_t = torch.from_numpy(np.ascontiguousarray(cent.T))
             self._centroids_sq = torch.from_numpy((cent * cent).sum(1))
             self._ivf_lists = ivf
-            self._torch_rows = torch.from_numpy(self._bank)  # the re-rank's view of the bank (no copy)
 
     # ------------------------------------------------------------------------------ persistence
     def to_array(self) -> tuple[np.ndarray, str]:
@@ -214,8 +213,9 @@ class KNNIndex:
         d = np.sqrt(np.maximum(sims, 0)) if self.metric == "l2" else 1.0 - sims
         return d.astype(np.float32), idx.astype(np.int64)
 
-    def _search_rerank(self, q: np.ndarray, k: int, chunk: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    def _search_rerank(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """pca_ivf: candidates from the projected IVF, ordered by their exact full-dimensional distance."""
+        faiss = require("faiss", extra="faiss")
         r = max(k, self.rerank_candidates)
         qt = torch.from_numpy(q)
         qp = torch.addmm(self._pca_b, qt, self._pca_At)  # x A^T + b: faiss PCAMatrix.apply
@@ -225,20 +225,16 @@ class KNNIndex:
         cd += (qp * qp).sum(1, keepdim=True)
         _, cand = self._ivf_lists.search_preassigned(np.ascontiguousarray(qp.numpy()), r, assign.numpy(),
                                                      np.ascontiguousarray(cd.numpy()))
-        rows, D = self._torch_rows, q.shape[1]
-        d = torch.empty(len(q), r)
-        # Gathered candidate rows in blocks of ``chunk`` queries (8 MB at r=16, D=1024) in one reused
-        # buffer: it stays in cache, where 512-query blocks (a fresh 32 MB each) cost 2-3x in page faults.
-        buf = torch.empty(min(chunk, len(q)) * r, D)
+        # Exact distances to the candidates in faiss's by-index kernels: each candidate row is read once,
+        # differences taken directly (exact to float rounding for the entry returned), OpenMP over the
+        # queries; 1.9 ms for 784 x 16 rows of 1024-d on 2 cores, against 8.2 ms for a torch gather + sub.
+        d = np.empty(cand.shape, dtype=np.float32)
+        safe = np.maximum(cand, 0)  # -1: the visited lists held fewer than r entries (masked below)
+        kernel = faiss.fvec_L2sqr_by_idx if self.metric == "l2" else faiss.fvec_inner_products_by_idx
+        kernel(faiss.swig_ptr(d), faiss.swig_ptr(q), faiss.swig_ptr(self._bank), faiss.swig_ptr(safe), q.shape[1], len(q), r)
+        d = torch.from_numpy(d if self.metric == "l2" else 1.0 - d)
         c_all = torch.from_numpy(cand)
-        for s in range(0, len(q), chunk):
-            c = c_all[s : s + chunk]
-            g = torch.index_select(rows, 0, c.clamp(min=0).reshape(-1), out=buf[: c.numel()]).view(len(c), r, D)
-            if self.metric == "l2":  # direct differences: exact to float rounding for the entry returned
-                torch.sum(g.sub_(qt[s : s + chunk, None, :]).square_(), -1, out=d[s : s + chunk])
-            else:
-                torch.sub(1.0, torch.bmm(g, qt[s : s + chunk, :, None])[..., 0], out=d[s : s + chunk])
-        d.masked_fill_(c_all < 0, float("inf"))  # -1: the visited lists held fewer than r entries
+        d.masked_fill_(c_all < 0, float("inf"))
         v, j = torch.sort(d, dim=1, stable=True)
         d, idx = v[:, :k].contiguous().numpy(), torch.gather(c_all, 1, j[:, :k]).numpy()
         if self.metric == "l2":
