@@ -76,19 +76,27 @@ def test_greedy_coreset_is_seeded_projection_then_plain_greedy(sizes):
 def test_chunked_coreset_is_exact_greedy_over_the_chunks_overpicks():
     rng = np.random.default_rng(3)
     f = rng.standard_normal((5000, 8)).astype(np.float32)
-    f[3333:] *= 3  # a more spread-out last chunk: the union's greedy gives it more than its share
+    f[3333:] *= 3  # a more spread-out last third: the union's greedy gives it more than its share
     stats: dict = {}
     picks = greedy_coreset(f, 500, proj_dim=0, seed=1, method="chunked", chunk_points=2000, stats=stats)
     assert stats["coreset_chunks"] == 3 and len(picks) == 500 and len(set(picks.tolist())) == 500
     r = np.random.default_rng(1)
     r.integers(5000)  # the unused whole-set first pick keeps the exact method's stream
+    # blocks of 5000 // (8 * 3) = 208 rows dealt round-robin: chunk c holds blocks c, c + 3, c + 6, ...
+    members = [np.flatnonzero((np.arange(5000) // 208) % 3 == c) for c in range(3)]
+    assert [len(m) for m in members] == [8 * 208 + 8, 8 * 208, 8 * 208] and all(m[0] // 208 == c for c, m in enumerate(members))
     union = []
-    for s, e in ((0, 1667), (1667, 3333), (3333, 5000)):  # twice each chunk's share: ceil(2 * 500 * size / 5000)
-        union += [s + i for i in plain_greedy(f[s:e], 334, int(r.integers(e - s)))]
+    for m in members:  # twice each chunk's share: ceil(2 * 500 * size / 5000)
+        union += [m[i] for i in plain_greedy(f[m], -(-1000 * len(m) // 5000), int(r.integers(len(m))))]
     union = np.array(union)
     expected = union[plain_greedy(f[union], 500, int(r.integers(len(union))))]
     assert picks.tolist() == expected.tolist()
     assert (picks >= 3333).sum() > 500 / 3 + 50
+    # rows= restricts the candidates: the same partition over positions in rows
+    rows = np.arange(0, 10000, 2)
+    wide = np.zeros((10000, 8), np.float32)
+    wide[rows] = f
+    np.testing.assert_array_equal(greedy_coreset(wide, 500, 0, 1, method="chunked", chunk_points=2000, rows=rows), picks)
     # one chunk = the exact method
     np.testing.assert_array_equal(greedy_coreset(f, 50, 0, 1, method="chunked", chunk_points=10_000),
                                   greedy_coreset(f, 50, 0, 1))
