@@ -295,7 +295,7 @@ def metrics_rows(work: Path, readme_run: Path) -> dict:
 # ------------------------------------------------------------------------------------ report
 def write_markdown(res: dict, path: Path) -> None:
     lines = ["# Line speed on bottle (benchmarks/bench_latency.py)", "",
-             "Shared 2-core machine (other jobs running): compare rows of this run, not with other runs.",
+             f"Machine: {res['machine']}. Compare rows of one run (the host's speed drifts), not runs.",
              "Latency = `load_model(...).predict` per image, median / p95 over 30 (bank164k: 15) test images: from the PNG path "
              "(decoding the 900x900 PNG included) and from the decoded frame (model + search + map at 900x900); "
              "accuracy from `pyimgano eval` on the 83 test images.", ""]
@@ -343,7 +343,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pyimgano_latency_"))
     out_json = args.out
     res = json.loads(out_json.read_text()) if out_json.exists() else {}
-    res["machine"] = "2 CPU cores shared with other jobs; compare rows within one run"
+    res["machine"] = "2 CPU cores; with other jobs paused unless said otherwise"
     if "readme" in args.only:
         res["readme"] = bank_rows(work, "readme", [], args.baseline, args.readme_run, ["exact", "pca_ivf", "ivf"], 30)
     if "bank164k" in args.only:
