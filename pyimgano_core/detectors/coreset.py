@@ -32,7 +32,7 @@ and the exact greedy over the union of those picks chooses the final ``n``. Cons
 (training images in file order) were measurably worse on Magnetic-tile, whose files come in
 acquisition runs (exp1..exp6, mean gray level rising from about 66 to 150): a chunk of one or
 two runs had a share that did not fit its spread (image AUROC 0.006 below the exact greedy, mean
-of seeds 0-3; interleaved: 0.002 below). Cost grows linearly with the number of chunks (plus
+of seeds 0-3; interleaved, seeds 0-7: 0.0003 above; README "chunked"). Cost grows linearly with the number of chunks (plus
 the union's greedy) instead of quadratically with the training set, and only one chunk's
 projection is in memory at a time.
 """
