@@ -232,11 +232,11 @@ class KNNIndex:
         safe = np.maximum(cand, 0)  # -1: the visited lists held fewer than r entries (masked below)
         kernel = faiss.fvec_L2sqr_by_idx if self.metric == "l2" else faiss.fvec_inner_products_by_idx
         kernel(faiss.swig_ptr(d), faiss.swig_ptr(q), faiss.swig_ptr(self._bank), faiss.swig_ptr(safe), q.shape[1], len(q), r)
-        d = torch.from_numpy(d if self.metric == "l2" else 1.0 - d)
-        c_all = torch.from_numpy(cand)
-        d.masked_fill_(c_all < 0, float("inf"))
-        v, j = torch.sort(d, dim=1, stable=True)
-        d, idx = v[:, :k].contiguous().numpy(), torch.gather(c_all, 1, j[:, :k]).numpy()
+        if self.metric == "cosine":
+            d = 1.0 - d
+        d[cand < 0] = np.inf
+        order = np.argsort(d, axis=1, kind="stable")[:, :k]
+        d, idx = np.take_along_axis(d, order, 1), np.take_along_axis(cand, order, 1)
         if self.metric == "l2":
             d = np.sqrt(d)
         missed = np.flatnonzero(~np.isfinite(d).all(axis=1))
