@@ -3,7 +3,7 @@
     python benchmarks/bench_coreset.py [--images 209] [--ratio 0.1]
 
 "old" is the full-scan greedy of commit 2fb0366 (one float32 BLAS matrix-vector product over all
-points per pick), reproduced below; "new" is :func:`pyimgano_core.detectors.coreset.kcenter`
+points per pick), reproduced below; "new" is :func:`pyimgano_core.detectors.patchknn.greedy.kcenter`
 (pruned, exact). Both run single-threaded on the same projected features. CPU seconds
 (``time.process_time``) are the comparison that survives a shared machine; wall seconds are
 given too. Also checked: the memory banks (sorted picks) are identical, and where the pick order
@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pyimgano_core.detectors.coreset import kcenter, project_rows, projection_matrix  # noqa: E402
+from pyimgano_core.detectors.patchknn.greedy import kcenter, project_rows, projection_matrix  # noqa: E402
 from pyimgano_core.detectors.patchcore import PatchCore  # noqa: E402
 
 SHARED = REPO.parent / "shared"

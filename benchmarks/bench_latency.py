@@ -6,7 +6,7 @@
 Sections (results in reports/latency.json + latency.md):
 
 1. models: the README config (PatchCore, MobileNetV2, 224 squash, 10% coreset = 16k entries) and
-   a ~164k-entry bank (coreset_ratio=1: all 209 x 28 x 28 training patches). The pca_ivf/ivf
+   a ~164k-entry bank (coreset.ratio=1: all 209 x 28 x 28 training patches). The pca_ivf/ivf
    variants reuse the *same* memory bank, only the index over it is built (its build time,
    saved size and load time are reported).
 2. per variant: image AUROC / pixel AUROC / AUPRO from `pyimgano eval --model` (83 test images,
@@ -40,9 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BOTTLE = ROOT.parent / "shared/data/mvtec_ad/bottle"
 CFG = ROOT / "configs/mvtec_patchcore_mobilenet.yaml"
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-VARIANTS = {"exact": {}, "ivf": {"knn_index": "ivf"}, "hnsw": {"knn_index": "hnsw", "hnsw_ef_search": 32},
+VARIANTS = {"exact": {}, "ivf": {"knn": {"kind": "ivf"}}, "hnsw": {"knn": {"kind": "hnsw", "ef_search": 32}},
             # coarse IVF search in 64 PCA dimensions, 16 candidates re-ranked exactly at 1024-d (knn.py)
-            "pca_ivf": {"knn_index": "pca_ivf"}}
+            "pca_ivf": {"knn": {"kind": "pca_ivf"}}}
 
 
 def sh(args: list[str], cwd: Path = ROOT) -> tuple[float, float, str]:
@@ -347,7 +347,7 @@ def main() -> None:
     if "readme" in args.only:
         res["readme"] = bank_rows(work, "readme", [], args.baseline, args.readme_run, ["exact", "pca_ivf", "ivf"], 30)
     if "bank164k" in args.only:
-        res["bank164k"] = bank_rows(work, "bank164k", ["--set", "detector.params.coreset_ratio=1.0"], None, None, ["exact", "pca_ivf"], 15)
+        res["bank164k"] = bank_rows(work, "bank164k", ["--set", "detector.params.coreset.ratio=1.0"], None, None, ["exact", "pca_ivf"], 15)
     if "export" in args.only:
         res["export"] = export_rows(work, args.baseline, args.calibrated_run)
     if "metrics" in args.only:

@@ -140,7 +140,7 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true", help="keep the other part of an existing --out file (parts run one at a time)")
     ap.add_argument("--machine", default="2 CPU cores shared with other engineers' jobs and benchmarks (load average 8-18)")
     args = ap.parse_args()
-    sets = [f"detector.params.coreset_ratio={args.coreset}", *args.set]
+    sets = [f"detector.params.coreset.ratio={args.coreset}", *args.set]
     out = Path(args.out)
     doc = json.loads(out.read_text()) if args.merge and out.is_file() else {}  # parts run separately, one file
     doc.update(configs=list(CONFIGS), machine=args.machine)

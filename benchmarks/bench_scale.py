@@ -9,7 +9,7 @@ change (x0.92-1.08). Deterministic (image i depends only on i). They are written
 temporary work folder (default: a system temp dir; never committed; removed unless --keep).
 
 Each N is one ``python -m pyimgano_cli eval`` process on the README PatchCore config
-(MobileNetV2, 224 squash) with ``coreset_ratio`` and ``coreset_method`` set, through a manifest
+(MobileNetV2, 224 squash) with ``coreset.ratio`` and ``coreset.method`` set, through a manifest
 (train = the N images, test = the real 83 test images with masks). Its report gives fit
 seconds (features / coreset / rest), peak RSS of the whole run, and the metrics. Rows are merged
 into reports/scale.json and reports/scale.md.
@@ -86,7 +86,7 @@ def run_one(work: Path, n: int, ratio: float, method: str, chunk_points: int) ->
     cfg = yaml.safe_load((REPO / "configs/mvtec_patchcore_mobilenet.yaml").read_text())
     cfg["name"] = f"scale_{n}_{ratio}_{method}_{chunk_points}"
     cfg["dataset"] = {"type": "manifest", "path": str(manifest), "category": "bottle", "allow_outside_root": True}
-    cfg["detector"]["params"].update(coreset_ratio=ratio, coreset_method=method, coreset_chunk_points=chunk_points, spill_dir=str(work),
+    cfg["detector"]["params"].update(coreset={"ratio": ratio, "method": "exact" if method == "greedy" else method, **({"chunk_points": chunk_points} if method == "chunked" else {})}, spill_dir=str(work),
                                      weights=str(REPO.parent / "shared/weights/mobilenet_v2-b0353104.pth"))
     cfg["output"] = {"root": str(work / "reports")}
     cfg_path = work / f"{cfg['name']}.yaml"
@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[209, 1000])
     ap.add_argument("--ratio", type=float, default=0.1)
     ap.add_argument("--method", choices=["greedy", "chunked"], default="greedy")
-    ap.add_argument("--chunk-points", type=int, default=200_000, help="coreset_chunk_points of the chunked method")
+    ap.add_argument("--chunk-points", type=int, default=200_000, help="coreset.chunk_points of the chunked method")
     ap.add_argument("--work", type=Path, default=None, help="folder for generated images (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated images")
     ap.add_argument("--out", type=Path, default=REPO / "reports")

@@ -8,7 +8,7 @@ targets checked and fit time split into embedding, noise scoring and coreset.
 
     python benchmarks/compare_softpatch.py                       # ~10 min on 2 cores
     python benchmarks/compare_softpatch.py --set threshold=0.1 --tag thr01 --only softpatch/noisy10
-    python benchmarks/compare_softpatch.py --set-all coreset_ratio=0.01 --tag coreset1pct
+    python benchmarks/compare_softpatch.py --set-all coreset.ratio=0.01 --tag coreset1pct
 
 Also reports, for SoftPatch on the contaminated set, how many patches of the moved images'
 defect regions were excluded from the coreset candidates (the denoising's recall).
@@ -207,7 +207,7 @@ def collect_ablations(out_root: Path) -> None:
             lines.append(f"| {label} | {row['detector']} | {training} | {m['image_auroc']:.4f} | {m['pixel_auroc']:.4f} | "
                          f"{m['aupro']:.4f} | {rec} |")
     lines += ["", "Cost of the 10% contamination, like for like (noisy model minus clean model, same 63 test images):", ""]
-    for tag, runs_ in [("coreset_ratio=0.1 (main table)", result["runs"])] + [
+    for tag, runs_ in [("coreset.ratio=0.1 (main table)", result["runs"])] + [
             (", ".join(a["both_extra"] + a["softpatch_extra"]), a["runs"]) for a in result["ablations"].values()]:
         for det in CONFIGS:
             clean, noisy = runs_.get(f"{det}/clean"), runs_.get(f"{det}/noisy10")
@@ -223,7 +223,7 @@ def collect_ablations(out_root: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra SoftPatch param, e.g. threshold=0.1")
-    ap.add_argument("--set-all", dest="common", action="append", default=[], help="param for both, e.g. coreset_ratio=0.01")
+    ap.add_argument("--set-all", dest="common", action="append", default=[], help="param for both, e.g. coreset.ratio=0.01")
     ap.add_argument("--only", action="append", default=[], help="run only detector/setting, e.g. softpatch/noisy10")
     ap.add_argument("--tag", default="", help="ablation name: results go to <out-root>/softpatch_comparison_<tag>.*")
     ap.add_argument("--out-root", type=Path, default=ROOT / "reports" / "bench_softpatch", help="eval run folders")

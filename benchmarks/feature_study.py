@@ -176,7 +176,7 @@ def run_one(split_name: str, agg: str, coreset: float, out_dir: Path, cache_dir:
     cfg_path, extra = SPLITS[split_name]
     # the detector's own rule is the plain max whatever the config says: every rule is computed from the
     # same prediction, and the engine's max scores are the check that the recording saw every image
-    params = {"coreset_ratio": coreset, "aggregation": "max", "topk_ratio": 0.01, **AGGREGATIONS[agg]}
+    params = {"coreset": {"ratio": coreset}, "aggregation": "max", "topk_ratio": 0.01, **AGGREGATIONS[agg]}
     overrides = extra + [f"detector.params.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in params.items()]
     cfg = load_config(ROOT / cfg_path, overrides)
     cfg.name = f"study_{split_name}_{agg}_{coreset:g}"

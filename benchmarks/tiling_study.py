@@ -11,7 +11,7 @@ peak RSS (``getrusage``, the process's high-water mark) is its own. Cases:
   224 squash vs native-resolution tiles (``tile: 96, overlap: 0.25``, shared bank: sizes vary),
   and ``image_size: auto`` (median aspect ratio, the 224*224 pixel budget)
 
-All at a 1% coreset (``coreset_ratio=0.01``), 256-d patch features (1024 in the shipped configs),
+All at a 1% coreset (``coreset.ratio=0.01``), 256-d patch features (1024 in the shipped configs),
 fitted on a seeded random subset of the training images (``dataset.shots``: 60 of bottle's 209,
 120 of Magnetic-tile's ~760; the test splits are complete). Tiling multiplies the patches (bottle: 18x per
 image), so tiled bottle cases also set the chunked coreset (exact greedy per chunk of 50,000
@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 BOTTLE, MT = "configs/mvtec_patchcore_mobilenet.yaml", "configs/magnetic_tile_patchcore.yaml"
 UNSET = ("image_size", "crop", "resize_mode")  # not used with tiling (the tile is the model input)
-CHUNKED = {"coreset_method": "chunked", "coreset_chunk_points": 50_000}
+CHUNKED = {"method": "chunked", "chunk_points": 50_000}
 SHOTS = {BOTTLE: 60, MT: 120}  # training images fitted (of 209 and ~760) by the reduced cases
 FULL = None  # a case's shots: every training image
 D256 = {"pretrain_embed_dim": 256, "target_embed_dim": 256}  # 1024 in the shipped configs: 4x the search cost
@@ -50,12 +50,12 @@ CASES = [  # (label, config, params set, params removed[, shots: SHOTS[config] u
     ("bottle 224 squash, 1024-d (shipped)", BOTTLE, {}, ()),
     ("bottle 224 squash", BOTTLE, D256, ()),
     ("bottle 900 native, tiles 480 per_tile", BOTTLE,
-     {**D256, "tiling": {"tile": 480, "overlap": 0.125, "bank": "per_tile"}, **CHUNKED}, UNSET),
+     {**D256, "tiling": {"tile": 480, "overlap": 0.125, "bank": "per_tile"}, "coreset": {"ratio": 0.01, **CHUNKED}}, UNSET),
     ("bottle 450 (scale 0.5), tiles 240 shared", BOTTLE,
-     {**D256, "tiling": {"tile": 240, "overlap": 0.125, "scale": 0.5, "bank": "shared"}, **CHUNKED}, UNSET),
+     {**D256, "tiling": {"tile": 240, "overlap": 0.125, "scale": 0.5, "bank": "shared"}, "coreset": {"ratio": 0.01, **CHUNKED}}, UNSET),
     ("magnetic-tile 224 squash", MT, D256, ()),
     ("magnetic-tile image_size auto", MT, {**D256, "image_size": "auto"}, ("crop", "resize_mode")),
-    ("magnetic-tile native, tiles 96 shared", MT, {**D256, "tiling": {"tile": 96, "overlap": 0.0}, **CHUNKED}, UNSET),
+    ("magnetic-tile native, tiles 96 shared", MT, {**D256, "tiling": {"tile": 96, "overlap": 0.0}, "coreset": {"ratio": 0.01, **CHUNKED}}, UNSET),
     # image_size auto vs the fixed 224 squash at full size: every training image, the shipped 1024-d
     # features, the README image score (top-1% mean; the shipped MT config scores by the max)
     ("bottle 224 squash, full, 1024-d", BOTTLE, {}, (), FULL),
@@ -78,7 +78,7 @@ def config_for(config: str, params: dict, removed: tuple, out: Path, shots: int 
     p = data["detector"]["params"]
     for k in removed:
         p.pop(k, None)
-    p.update(coreset_ratio=0.01, max_memory_gb=4.0, **params)
+    p.update({"coreset": {"ratio": 0.01}, "max_memory_gb": 4.0, **params})
     data["dataset"]["root"] = str((ROOT / data["dataset"]["root"]).resolve())
     # a seeded random subset of the training images (the same for every reduced case of a dataset): what
     # the shared 2-core machine affords for native-resolution tiles; the test split is complete

@@ -6,6 +6,7 @@ import json
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -83,7 +84,11 @@ def _guard(fn: Callable[[], object]) -> object:
 def _load(config: Path, overrides: list[str], out_root: Optional[Path] = None):
     from pyimgano_core.config import load_config
 
-    cfg = load_config(config, overrides)
+    with warnings.catch_warnings(record=True) as caught:  # earlier flat keys: one line each, naming the new path
+        warnings.simplefilter("always", FutureWarning)
+        cfg = load_config(config, overrides)
+    for w in caught:
+        err.print(f"[yellow]warning[/]: {escape(str(w.message))}", highlight=False, soft_wrap=True)
     if out_root is not None:
         cfg.output.root = out_root
     return cfg
@@ -327,16 +332,31 @@ def sweep(config: Path, grid: list[str] = typer.Option(..., "--grid", help="key.
         out.print((Path(doc["folder"]) / "sweep.md").read_text(), highlight=False, markup=False)
 
 
+def _fields(model, prefix: str = "") -> dict:
+    """Parameters by dotted path (``coreset.ratio``), with defaults; a sub-model default is listed field by field."""
+    from pydantic import BaseModel
+
+    out = {}
+    for k, f in model.model_fields.items():
+        if k in ("seed", "category") and not prefix:
+            continue
+        default = None if f.is_required() else f.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            out[f"{prefix}{k}"] = {"default": default.model_dump(mode="json"), "required": False, "description": f.description}
+            for sub, v in default.model_dump(mode="json").items():
+                desc = type(default).model_fields[sub].description
+                out[f"{prefix}{k}.{sub}"] = {"default": v, "required": False, "description": desc}
+            continue
+        out[f"{prefix}{k}"] = {"default": default, "required": f.is_required(), "description": f.description}
+    return out
+
+
 @app.command()
 def detectors(as_json: bool = JsonOpt) -> None:
     """List the registered detectors with their parameters and defaults."""
     from pyimgano_core.detectors import get_detector_class, list_detectors
 
-    info = {}
-    for name in list_detectors():
-        cls = get_detector_class(name)
-        info[name] = {k: {"default": None if f.is_required() else f.default, "required": f.is_required(), "description": f.description}
-                      for k, f in cls.Params.model_fields.items() if k != "seed"}
+    info = {name: _fields(get_detector_class(name).Params) for name in list_detectors()}
     if as_json:
         sys.stdout.write(json.dumps(info, default=str) + "\n")
         return

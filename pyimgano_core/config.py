@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .data import DatasetConfig
 from .detectors import get_detector_class
 from .errors import ConfigError
-from .execution import MAX_RETRIES
+from .execution import ExecutionConfig
 from .postprocess import PostprocessConfig
 
 
@@ -52,18 +53,6 @@ class OutputConfig(Strict):
     root: Path = Path("reports")
     save_maps: bool = Field(False, description="eval also writes PNG heatmaps/overlays for the test images")
     html: bool = Field(True, description="eval also writes report.html per category (and index.html over categories)")
-
-
-class ExecutionConfig(Strict):
-    """Where per-category runs and sharded exports execute. Results do not depend on where, only
-    (in float32 rounding) on the thread count, which every executor pins to ``cpus_per_task``."""
-
-    backend: Literal["local", "ray"] = Field("local", description="local: this process, one job after another; ray: Ray tasks")
-    address: str = Field("auto", description="ray: 'auto' (a running cluster), 'local' (start one in-process), host:port or ray://host:port")
-    cpus_per_task: int | None = Field(None, ge=1, description=(
-        "torch/BLAS threads of each job on every executor (float32 sums depend on it: compare runs at one count); "
-        "ray: CPUs reserved per task too. null: this machine's torch thread count, as a local run"))
-    max_retries: int = Field(MAX_RETRIES, ge=0, description="ray: resubmissions of a task whose worker died (killed, out of memory)")
 
 
 class ExperimentConfig(Strict):
@@ -131,33 +120,52 @@ def _models_in(annotation) -> list[type[BaseModel]]:
     return [m for a in get_args(annotation) for m in _models_in(a)]
 
 
-def _allowed(model: type[BaseModel] | None, loc: tuple) -> list[str]:
-    """Field names allowed at the parent of ``loc`` (for 'unknown key' messages)."""
-    candidates = [model] if model else []
-    for part in loc[:-1]:
-        if isinstance(part, str) and part in _TAGS:  # discriminated union: pick the tagged member
-            candidates = [m for m in candidates if part in getattr(m.model_fields.get("type"), "annotation", ()).__args__]
-            continue
-        nxt = []
-        for m in candidates:
-            field = m.model_fields.get(str(part))
-            if field is not None:
-                nxt.extend(_models_in(field.annotation))
-        candidates = nxt
-    return sorted(candidates[0].model_fields) if len(candidates) == 1 else []
+def _tag(model: type[BaseModel]) -> str | None:
+    """The value a discriminated union selects ``model`` by (its one-value ``type`` / ``kind`` / ``method``)."""
+    from typing import get_args
+
+    for name in ("type", "kind", "method"):
+        field = model.model_fields.get(name)
+        values = get_args(field.annotation) if field is not None else ()
+        if len(values) == 1 and isinstance(values[0], str):
+            return values[0]
+    return None
+
+
+def _resolve(model: type[BaseModel] | None, loc: tuple) -> tuple[list[str], list[type[BaseModel]]]:
+    """The user's path of an error location (union tags and pydantic's type tags dropped), and the models there."""
+    candidates, path = ([model] if model else []), []
+    for part in loc:
+        if isinstance(part, str) and not any(part in m.model_fields for m in candidates):
+            tagged = [m for m in candidates if _tag(m) == part]
+            if tagged:  # discriminated union: the member the tag names
+                candidates = tagged
+                continue
+            if _TYPE_LOC.match(part) or (not candidates and part in _TAGS):
+                continue
+        path.append(str(part))
+        if isinstance(part, str):
+            candidates = [sub for m in candidates if part in m.model_fields for sub in _models_in(m.model_fields[part].annotation)]
+    return path, candidates
 
 
 def format_validation_error(exc: ValidationError, prefix: tuple = (), model: type[BaseModel] | None = None) -> str:
     lines = []
     for err in exc.errors():
-        loc = prefix + tuple(err["loc"])
-        # drop discriminator tags ('dataset', 'mvtec_ad', 'root') -> dataset.root
-        path = ".".join(str(p) for p in loc if not (isinstance(p, str) and (p in _TAGS or _TYPE_LOC.match(p))))
+        loc = tuple(err["loc"])
+        parts, _ = _resolve(model, loc)
+        path = ".".join([*map(str, prefix), *parts])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            names = _allowed(model, tuple(err["loc"]))
+            _, there = _resolve(model, loc[:-1])
+            names = sorted(set(there[0].model_fields) - ({"seed", "category"} if prefix and len(loc) == 1 else set())) \
+                if len(there) == 1 else []
             msg = "unknown key" + (f"; allowed: {', '.join(names)}" if names else "")
-        elif err["type"] in ("literal_error", "union_tag_invalid"):
+        elif err["type"] == "union_tag_invalid":  # "kind 'annoy' must be one of 'exact', 'flat', ..."
+            ctx = err.get("ctx", {})
+            name = str(ctx.get("discriminator", "type")).strip("'").removeprefix("_").removesuffix("()")
+            msg = f"{name} {ctx.get('tag')!r} must be one of {ctx.get('expected_tags')}"
+        elif err["type"] == "literal_error":
             msg = msg.replace("Input should be", "must be")
         line = f"{path or '<root>'}: {msg}"
         if line not in lines:
@@ -190,12 +198,15 @@ def validate_config(data: Any, source: str = "config") -> ExperimentConfig:
     if "category" in cfg.detector.params:
         raise ConfigError(f"{source}: detector.params.category: set per run from dataset.category, not here")
     try:
+        cfg.detector.params, notes = cls.Params.upgrade(dict(cfg.detector.params))
+    except ValueError as exc:
+        raise ConfigError(f"{source}: detector.params: {exc}") from None
+    for note in notes:  # one line per earlier flat key (the CLI prints them)
+        warnings.warn(note, FutureWarning, stacklevel=2)
+    try:
         params = cls.Params.model_validate(cfg.detector_params())
     except ValidationError as exc:
-        msg = format_validation_error(exc, ("detector", "params"))
-        for err in exc.errors():
-            if err["type"] == "extra_forbidden":
-                msg = msg.replace("unknown key", f"unknown key; allowed: {', '.join(sorted(set(cls.Params.model_fields) - {'seed', 'category'}))}", 1)
+        msg = format_validation_error(exc, ("detector", "params"), model=cls.Params)
         raise ConfigError(f"{source}: {msg}") from None
     cfg.detector.params = {k: v for k, v in params.model_dump(mode="json").items() if k not in ("seed", "category")}
     return cfg

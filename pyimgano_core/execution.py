@@ -26,17 +26,32 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from . import errors
 from .errors import ConfigError, ExecutionError, PyimganoError
 from .optional import require
 
-if TYPE_CHECKING:  # the config imports the detector registry (torch); the ONNX runtime path must not
-    from .config import ExecutionConfig
 
 CONNECT_TIMEOUT_S = 3.0  # an unreachable cluster address fails within a few seconds
 MAX_RETRIES = 2  # default of the config's execution section (and of --ray without a config)
+
+
+class ExecutionConfig(BaseModel):
+    """The ``execution`` section: where per-category runs and sharded exports execute. Results do
+    not depend on where, only (in float32 rounding) on the thread count, which every executor pins
+    to ``cpus_per_task``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    backend: Literal["local", "ray"] = Field("local", description="local: this process, one job after another; ray: Ray tasks")
+    address: str = Field("auto", description="ray: 'auto' (a running cluster), 'local' (start one in-process), host:port or ray://host:port")
+    cpus_per_task: int | None = Field(None, ge=1, description=(
+        "torch/BLAS threads of each job on every executor (float32 sums depend on it: compare runs at one count); "
+        "ray: CPUs reserved per task too. null: this machine's torch thread count, as a local run"))
+    max_retries: int = Field(MAX_RETRIES, ge=0, description="ray: resubmissions of a task whose worker died (killed, out of memory)")
 
 
 @dataclass(frozen=True)

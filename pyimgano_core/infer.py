@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Literal
 
 import numpy as np
 
+from .deploy.onnx_runtime import OnnxModel, load_onnx_model
 from .engine import score_stream
 from .errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from .deploy.onnx_runtime import OnnxModel
     from .model import Model
 
 
@@ -60,6 +60,17 @@ class Inspector:
             yield Inspection(s.score, None if thr is None else bool(s.score >= thr.image), full, mask)
 
 
+def load_for_runtime(folder: str | Path, runtime: str = "torch") -> Model | OnnxModel:
+    """A saved model for the torch path (:class:`Model`) or for onnxruntime (``deploy.onnx_runtime``)."""
+    if runtime == "onnx":
+        return load_onnx_model(folder)
+    if runtime != "torch":
+        raise ConfigError(f"runtime must be 'torch' or 'onnx', got {runtime!r}")
+    from .model import Model
+
+    return Model.load(folder)
+
+
 def load_model(folder: str | Path, runtime: Literal["torch", "onnx"] = "torch") -> Inspector:
     """Load a model folder written by ``pyimgano fit`` (no code is executed while loading).
 
@@ -67,12 +78,4 @@ def load_model(folder: str | Path, runtime: Literal["torch", "onnx"] = "torch") 
     (no torch import; the graph's sha256 must match model.json); thresholds and post-processing
     are the same as with ``runtime="torch"``.
     """
-    if runtime == "onnx":
-        from .deploy.onnx_runtime import load_onnx_model
-
-        return Inspector(load_onnx_model(folder))
-    if runtime != "torch":
-        raise ConfigError(f"runtime must be 'torch' or 'onnx', got {runtime!r}")
-    from .model import Model
-
-    return Inspector(Model.load(folder))
+    return Inspector(load_for_runtime(folder, runtime))

@@ -30,10 +30,10 @@ class MetricInputError(DataError, ValueError):
     """
 
 
-_STRUCTURE = np.ones((3, 3), dtype=bool)  # 8-connectivity, as in MVTec's evaluation
+STRUCTURE = np.ones((3, 3), dtype=bool)  # 8-connectivity, as in MVTec's evaluation
 
 
-class _Groups(NamedTuple):
+class Groups(NamedTuple):
     """The tie groups (distinct thresholds) that contain at least one positive.
 
     Only these matter: between them TP, precision's numerator and PRO are constant, so
@@ -50,7 +50,7 @@ class _Groups(NamedTuple):
     n_neg: int
 
 
-def _positive_groups(ascending: np.ndarray, positives: np.ndarray) -> _Groups:
+def _positive_groups(ascending: np.ndarray, positives: np.ndarray) -> Groups:
     """Group ``positives`` (descending) by score; count all samples via ``ascending``.
 
     Only positives need to be identified: how many samples in total beat a score is a
@@ -59,19 +59,19 @@ def _positive_groups(ascending: np.ndarray, positives: np.ndarray) -> _Groups:
     starts = np.flatnonzero(np.append(True, positives[1:] != positives[:-1]))
     value = positives[starts]
     n = ascending.size
-    return _Groups(value=value, t0=starts, t1=np.append(starts[1:], positives.size),
+    return Groups(value=value, t0=starts, t1=np.append(starts[1:], positives.size),
                    c0=n - np.searchsorted(ascending, value, side="right"),
                    c1=n - np.searchsorted(ascending, value, side="left"),
                    n_pos=positives.size, n_neg=n - positives.size)
 
 
-def _require_normals(g: _Groups, what: str) -> None:
+def _require_normals(g: Groups, what: str) -> None:
     if g.n_neg == 0:
         raise MetricInputError(f"{what}: only anomalous samples present; the metric "
                                "needs both normal and anomalous samples")
 
 
-def _auroc(g: _Groups) -> float:
+def _auroc(g: Groups) -> float:
     # Trapezoids over distinct thresholds, a mixed tie group being a diagonal (half
     # credit), as sklearn. Computed as 1 - the area above the curve, which only groups
     # adding true positives contribute to: dTP * (FP0 + FP1) / 2. The integer dot
@@ -80,12 +80,12 @@ def _auroc(g: _Groups) -> float:
     return float(1.0 - gap / (g.n_pos * g.n_neg))
 
 
-def _ap(g: _Groups) -> float:
+def _ap(g: Groups) -> float:
     # Step-wise sum of (R_n - R_{n-1}) * P_n, no interpolation (sklearn's definition).
     return float(np.dot(g.t1 - g.t0, g.t1 / g.c1) / g.n_pos)
 
 
-def _image_groups(labels, scores, what: str) -> _Groups:
+def _image_groups(labels, scores, what: str) -> Groups:
     y = np.asarray(labels).astype(bool).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
     if y.shape != s.shape:
@@ -202,7 +202,7 @@ def _gather(masks: Sequence, maps: Sequence):
         chunk.reshape(np.shape(amap))[...] = amap  # casts to float32 without a temporary
         if not np.isfinite(chunk).all():
             raise MetricInputError("anomaly maps contain NaN or infinite values")
-        regions, n = ndimage.label(np.asarray(mask).astype(bool), structure=_STRUCTURE)
+        regions, n = ndimage.label(np.asarray(mask).astype(bool), structure=STRUCTURE)
         inside = regions > 0
         defect_scores.append(chunk.reshape(regions.shape)[inside])
         defect_regions.append(regions[inside] + (n_regions - 1))  # global, 0-based
@@ -249,10 +249,10 @@ def pixel_metrics(masks: Sequence, maps: Sequence, fpr_limit: float = 0.3) -> di
     order = np.argsort(defect_scores)[::-1]  # defect pixels only, typically a few %
     g = _positive_groups(scores, defect_scores[order])
     del scores
-    return _pixel_curves(g, regions[order], fpr_limit)
+    return pixel_curves(g, regions[order], fpr_limit)
 
 
-def _pixel_curves(g: _Groups, regions_desc: np.ndarray, fpr_limit: float) -> dict:
+def pixel_curves(g: Groups, regions_desc: np.ndarray, fpr_limit: float) -> dict:
     """Pixel AUROC, AP and AUPRO from the defect-pixel groups and the defect pixels' region ids,
     ordered like the groups (descending score)."""
     # PRO weight of a defect pixel = 1 / (region size * number of regions), so PRO at a

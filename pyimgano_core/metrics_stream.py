@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .metrics import _STRUCTURE, MetricInputError, _Groups, _pixel_curves
+from .metrics import STRUCTURE, MetricInputError, Groups, pixel_curves
 
 
 class PixelMetricStream:
@@ -61,7 +61,7 @@ class PixelMetricStream:
         if not np.isfinite(m).all():
             raise MetricInputError("anomaly maps contain NaN or infinite values")
         m = m + np.float32(0.0)  # -0.0 -> +0.0: equal floats must get equal keys
-        regions, n = ndimage.label(mask.astype(bool), structure=_STRUCTURE)
+        regions, n = ndimage.label(mask.astype(bool), structure=STRUCTURE)
         inside = regions > 0
         key = _sortable(m[inside]).astype(np.uint64) << np.uint64(32)
         key |= (regions[inside] + (self._n_regions - 1)).astype(np.uint64)  # global region id, 0-based
@@ -116,7 +116,7 @@ class PixelMetricStream:
             self._counts = counts
         return self._counts
 
-    def _groups(self, groups: set[str] | None) -> tuple[_Groups, np.ndarray]:
+    def _groups(self, groups: set[str] | None) -> tuple[Groups, np.ndarray]:
         """The defect-pixel groups (as metrics._positive_groups) over images in ``groups``."""
         if not self._items:
             raise MetricInputError("no anomaly maps given")
@@ -145,7 +145,7 @@ class PixelMetricStream:
                 at_least += c
         np.cumsum(at_least[::-1], out=at_least[::-1])  # at_least[b] = pixels with code >= b (in place)
         j = np.searchsorted(self._values(), value)  # position of each group's value among all values
-        g = _Groups(value=value, t0=starts, t1=np.append(starts[1:], key.size),
+        g = Groups(value=value, t0=starts, t1=np.append(starts[1:], key.size),
                     c0=at_least[2 * j + 2], c1=at_least[2 * j + 1], n_pos=key.size, n_neg=n - key.size)
         return g, regions
 
@@ -155,7 +155,7 @@ class PixelMetricStream:
         if not 0.0 < fpr_limit <= 1.0:
             raise MetricInputError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
         g, regions = self._groups(groups)
-        return _pixel_curves(g, regions, fpr_limit)
+        return pixel_curves(g, regions, fpr_limit)
 
     def f1_max(self, groups: set[str] | None = None) -> tuple[float, float]:
         """Oracle pixel F1-max and its threshold, as :func:`pyimgano_core.metrics.f1_max`."""

@@ -88,7 +88,9 @@ class Model:
             doc = json.loads(meta_path.read_text())
             if doc.get("format_version") != FORMAT_VERSION:
                 raise ModelError(f"{meta_path}: unsupported model format {doc.get('format_version')!r} (expected {FORMAT_VERSION})")
-            det = get_detector_class(doc["detector"])(**doc["params"], **detector_kwargs)
+            cls_ = get_detector_class(doc["detector"])
+            params, _ = cls_.Params.upgrade(doc["params"])  # folders saved before nested parameters load unchanged
+            det = cls_(**params, **detector_kwargs)
             with np.load(folder / "arrays.npz", allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
             validate_arrays(doc, arrays)

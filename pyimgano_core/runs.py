@@ -20,7 +20,9 @@ from .data.io import is_image_file
 from .data.types import Split
 from .engine import Progress, build_model, evaluate_split
 from .errors import ConfigError, DataError, ModelError, OptionalDependencyError
+from .legacy import upgrade_flat_keys
 from .execution import Job, JobResult, LocalExecutor, failures, raise_failures
+from .infer import load_for_runtime
 from .optional import require
 from .reporting.html import write_page
 from .reporting.summary import write_summary_pages
@@ -49,21 +51,24 @@ def find_model(model_arg: Path, category: str) -> Path:
     raise ModelError(f"No saved model for category {category!r} under {model_arg} (expected model.json there or in {category}/model/)")
 
 
-def load_for_runtime(folder: Path, runtime: str = "torch"):
-    """A saved model for the torch path (:class:`Model`) or for onnxruntime (``deploy.onnx_runtime``)."""
-    if runtime == "onnx":
-        from .deploy.onnx_runtime import load_onnx_model
-
-        return load_onnx_model(folder)
-    from .model import Model
-
-    return Model.load(folder)
-
-
 def _saved_params(model) -> dict:
     fitted = getattr(model.detector, "params_", None)  # torch detector; the ONNX one keeps model.json's dict
-    params = fitted.model_dump(mode="json") if fitted is not None else model.detector.params
+    if fitted is not None:
+        params = fitted.model_dump(mode="json")
+    else:  # model.json of an earlier release may hold flat keys
+        params = upgrade_flat_keys(None, model.detector.params)[0]
     return {k: v for k, v in params.items() if k not in ("seed", "category")}  # category: set per run
+
+
+def _dotted(params: dict, prefix: str = "") -> dict:
+    """Nested parameters as ``{"coreset.ratio": 0.1, ...}`` (what a user writes with --set)."""
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _load_model(cfg: ExperimentConfig, model_arg: Path, category: str, runtime: str = "torch") -> Model:
@@ -72,8 +77,8 @@ def _load_model(cfg: ExperimentConfig, model_arg: Path, category: str, runtime: 
     if model.detector.name != cfg.detector.name:
         raise ModelError(f"{folder}: saved model is {model.detector.name!r} but the config asks for {cfg.detector.name!r}")
     # A saved model is used as fitted: refuse, rather than silently ignore, a config that differs.
-    saved = _saved_params(model)
-    diff = sorted(k for k in set(saved) | set(cfg.detector.params) if saved.get(k) != cfg.detector.params.get(k))
+    saved, asked = _dotted(_saved_params(model)), _dotted(cfg.detector.params)
+    diff = sorted(k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k))
     if diff:
         raise ModelError(f"{folder}: saved with other detector.params ({', '.join(f'{k}={saved.get(k)!r}' for k in diff[:4])}) "
                          "than the config; refit with 'pyimgano fit' or use the same settings")
@@ -142,7 +147,8 @@ def _job_inputs(config: dict, category: str) -> tuple[ExperimentConfig, Split]:
 
     cfg = validate_config(config)
     ds = cfg.dataset
-    if getattr(ds, "category", None) == "all" or isinstance(getattr(ds, "category", None), list):
+    category_field = ds.category if "category" in type(ds).model_fields else None
+    if category_field == "all" or isinstance(category_field, list):
         ds = ds.model_copy(update={"category": category})  # list only this category's files
     for split in load_splits(ds):
         if split.name == category:

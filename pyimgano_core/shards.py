@@ -18,10 +18,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .deploy.onnx_runtime import onnx_path, read_doc
 from .errors import ConfigError, ExecutionError
+from .infer import load_for_runtime
 from .execution import Job, JobResult, current_threads, failures, pinned_threads
 from .optional import require
 from .outputs import check_writable, clean_stale, folder_lock, temp_path
+from .reports import write_json
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -67,8 +70,6 @@ def _model_from(handle: list, key: str, runtime: str):
     """This worker's model for ``key``, and whether this call loaded it (first shard only)."""
     loaded = key not in _MODEL_CACHE
     if loaded:
-        from .runs import load_for_runtime
-
         blob = require("ray", "ray").get(handle[0])
         with tempfile.TemporaryDirectory(prefix="pyimgano-model-") as tmp:
             for rel, data in blob.items():
@@ -91,8 +92,6 @@ def export_shard(model: list, key: str, runtime: str, images: list[str], out_dir
 def _check_shippable(folder: Path | None, runtime: str) -> None:
     if runtime != "onnx" or folder is None:
         return
-    from .deploy.onnx_runtime import onnx_path, read_doc
-
     path = onnx_path(folder, read_doc(folder).get("onnx") or {"file": "model.onnx"})
     if Path(folder).resolve() not in path.resolve().parents:
         raise ConfigError(f"--ray ships the model folder to the workers, but its ONNX graph {path} is outside {folder}; "
@@ -135,8 +134,6 @@ def export_on(executor, model, images: Sequence, out_dir, progress=None, base=No
 
 def merge_shards(out_dir: Path, jobs: Sequence[Job], results: Sequence[JobResult], n_images: int, seconds: float) -> dict:
     """One predictions.jsonl (the sorted file order of a local run) and one summary over the shards."""
-    from .reports import write_json
-
     done = [(j, r) for j, r in zip(jobs, results) if r.ok]
     partial = temp_path(out_dir / "predictions.jsonl", ".partial")
     try:

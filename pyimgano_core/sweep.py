@@ -1,7 +1,7 @@
 """Sweeps: a grid of ``--set`` overrides expanded into runs, all run through one executor.
 
-``--grid detector.params.coreset_ratio=0.01,0.1 --grid dataset.category=all`` makes one run per
-combination, named from its overrides (``<name>__coreset_ratio-0.01__category-all``), each
+``--grid detector.params.coreset.ratio=0.01,0.1 --grid dataset.category=all`` makes one run per
+combination, named from its overrides (``<name>__coreset.ratio-0.01__category-all``), each
 writing its normal report folder ``<out>/<run>/<category>/``; one job per (run, category) goes
 to the executor at once, so a cluster works on all of them together. The sweep's table goes to
 ``<out>/<name>-sweep/sweep.json`` and ``sweep.md``.
@@ -46,13 +46,17 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
 def run_name(base: str, combo: list[tuple[str, str]], keys: list[str]) -> str:
     """Deterministic run name from the overrides: ``base__<key>-<value>__...``.
 
-    The key is its last component unless two grid keys share it; a value with characters
-    not allowed in a name is replaced by a safe spelling plus a short hash of the original.
+    The key is its path inside ``detector.params`` (``coreset.ratio``), else its last component,
+    unless two grid keys share it; a value with characters not allowed in a name is replaced by
+    a safe spelling plus a short hash of the original.
     """
-    lasts = [k.rsplit(".", 1)[-1] for k in keys]
+    def short(k: str) -> str:
+        return k.removeprefix("detector.params.") if k.startswith("detector.params.") else k.rsplit(".", 1)[-1]
+
+    lasts = [short(k) for k in keys]
     parts = []
     for key, value in combo:
-        label = key.rsplit(".", 1)[-1] if lasts.count(key.rsplit(".", 1)[-1]) == 1 else key
+        label = short(key) if lasts.count(short(key)) == 1 else key
         safe = _UNSAFE.sub("_", value)
         if safe != value:
             safe += "-" + hashlib.sha1(value.encode()).hexdigest()[:6]

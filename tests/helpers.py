@@ -24,7 +24,7 @@ class PixelEmbedder:
 
 
 TINY_CNN = {"backbone": "resnet18", "layers": ["layer1", "layer2"], "weights": None, "image_size": 64, "crop": None,
-            "coreset_ratio": 0.5, "pretrain_embed_dim": 64, "target_embed_dim": 64}
+            "coreset": {"ratio": 0.5}, "pretrain_embed_dim": 64, "target_embed_dim": 64}
 
 
 def write_config(path: Path, root: Path, detector: str = "patchcore", params: dict | None = None, **extra) -> Path:

@@ -56,7 +56,7 @@ def images(n, seed, size=(48, 56), defect=False):
 
 
 # ------------------------------------------------------------------------------ memory bank
-@pytest.mark.parametrize("method", ["greedy", "random"])
+@pytest.mark.parametrize("method", ["exact", "random"])
 def test_subsampling_shrinks_the_bank_deterministically(method):
     train = images(4, 0)
     full = create_detector("anomalydino", embedder=PixelEmbedder(), image_size=48).fit(train)
@@ -65,7 +65,7 @@ def test_subsampling_shrinks_the_bank_deterministically(method):
     np.testing.assert_allclose(np.linalg.norm(full.memory_, axis=1), 1.0, rtol=1e-5)  # L2-normalised
 
     def bank(seed):
-        kw = dict(image_size=48, coreset_ratio=0.25, coreset_method=method, seed=seed)
+        kw = dict(image_size=48, coreset={"ratio": 0.25, "method": method}, seed=seed)
         return create_detector("anomalydino", embedder=PixelEmbedder(), **kw).fit(train).memory_
 
     a, b, c = bank(0), bank(0), bank(1)
@@ -78,7 +78,7 @@ def test_subsampling_shrinks_the_bank_deterministically(method):
 
 def test_scores_are_cosine_top1pct_and_reruns_identical():
     train, test = images(4, 0), images(2, 1) + images(2, 2, defect=True)
-    kw = dict(embedder=PixelEmbedder(), image_size=48, rotation=True, coreset_ratio=0.5, coreset_method="random",
+    kw = dict(embedder=PixelEmbedder(), image_size=48, rotation=True, coreset={"ratio": 0.5, "method": "random"},
               masking=True, mask_threshold=0.5)  # greedy determinism: test_subsampling_shrinks_the_bank_deterministically
     p1 = create_detector("anomalydino", **kw).fit(train).predict(test)
     p2 = create_detector("anomalydino", **kw).fit(train).predict(test)
@@ -235,7 +235,7 @@ def test_mask_reference_drops_background_patches_from_the_bank():
     ({"backbone": "torchvision:mobilenet_v2"}, "layers must be given"),
     ({"layers": ["blocks.3"]}, "layers must be given"),
     ({"mask_reference": True}, "mask_reference needs masking"),
-    ({"coreset_ratio": 0}, "coreset_ratio"),
+    ({"coreset": {"ratio": 0}}, "coreset.ratio"),
 ])
 def test_bad_params_fail_validation_with_the_field(params, message):
     cfg = {"name": "x", "dataset": {"type": "mvtec_ad", "root": "d", "category": "all"},

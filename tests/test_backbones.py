@@ -112,7 +112,7 @@ def test_even_patch_size_patchcore_maps_keep_the_input_size():
     rng = np.random.default_rng(0)
     imgs = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
     det = create_detector("patchcore", backbone="resnet18", layers=["layer2", "layer3"], weights=None, image_size=64,
-                          crop=None, patch_size=2, pretrain_embed_dim=32, target_embed_dim=32, coreset_ratio=1.0)
+                          crop=None, patch_size=2, pretrain_embed_dim=32, target_embed_dim=32, coreset={"ratio": 1.0})
     pred = det.fit(imgs[:2]).predict(imgs[2:])
     assert pred.maps.shape == (1, 64, 64) and det.n_train_patches_ == 2 * 7 * 7
 

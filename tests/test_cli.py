@@ -42,7 +42,7 @@ def test_eval_json_report(tree, tmp_path):
     for key in ("fit_s", "predict_s_per_image", "total_s"):
         assert report["timing"][key] >= 0
     assert report["protocol"]["map_resolution"] == "original mask resolution"
-    assert report["config"]["detector"]["params"]["coreset_ratio"] == 0.5
+    assert report["config"]["detector"]["params"]["coreset"]["ratio"] == 0.5
     assert "torch" in report["versions"]
     lines = (tmp_path / "out/t/widget/predictions.jsonl").read_text().splitlines()
     assert len(lines) == 8 and {"path", "label", "defect_type", "score"} <= set(json.loads(lines[0]))
@@ -89,13 +89,13 @@ def test_validate_and_detectors_listing(tree, tmp_path):
     res = run("detectors", "--json")
     assert res.exit_code == 0
     info = json.loads(res.stdout)
-    assert info["patchcore"]["coreset_ratio"]["default"] == 0.1
+    assert info["patchcore"]["coreset.ratio"]["default"] == 0.1
 
 
 BAD = [
     ({"--set": "detector.params.corset_ratio=0.1"}, "detector.params.corset_ratio: unknown key; allowed:"),
     ({"--set": "detector.name=patchcor"}, "Did you mean: patchcore"),
-    ({"--set": "detector.params.coreset_ratio=lots"}, "detector.params.coreset_ratio"),
+    ({"--set": "detector.params.coreset.ratio=lots"}, "detector.params.coreset.ratio"),
     ({"--set": "dataset.categroy=widget"}, "dataset.categroy: unknown key; allowed: category"),
     ({"--set": "dataset.root=/nonexistent/pyimgano"}, "/nonexistent/pyimgano"),
     ({"--set": "dataset.category=nope"}, "nope"),
@@ -172,8 +172,8 @@ def test_infer_api_matches_export(tree, tmp_path):
 def test_saved_model_with_other_settings_is_refused(tree, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tree)
     assert run("fit", cfg, "--out", tmp_path / "m", "-q").exit_code == 0
-    res = run("eval", cfg, "--model", tmp_path / "m/t", "--set", "detector.params.coreset_ratio=0.25", "--out", tmp_path / "o")
-    assert res.exit_code == 4 and "coreset_ratio=0.5" in res.output and "Traceback" not in res.output
+    res = run("eval", cfg, "--model", tmp_path / "m/t", "--set", "detector.params.coreset.ratio=0.25", "--out", tmp_path / "o")
+    assert res.exit_code == 4 and "coreset.ratio=0.5" in res.output and "Traceback" not in res.output
     res = run("eval", cfg, "--model", tmp_path / "m/t", "--set", "postprocess.blur_sigma=2", "--out", tmp_path / "o")
     assert res.exit_code == 4 and "postprocess" in res.output
     res = run("eval", cfg, "--model", tmp_path / "nowhere", "--out", tmp_path / "o")
@@ -183,4 +183,4 @@ def test_saved_model_with_other_settings_is_refused(tree, tmp_path):
 def test_detectors_listing_human_readable():
     res = run("detectors")
     assert res.exit_code == 0, res.output
-    assert "patchcore" in res.output and "softpatch" in res.output and "coreset_ratio = 0.1" in res.output
+    assert "patchcore" in res.output and "softpatch" in res.output and "coreset.ratio = 0.1" in res.output

@@ -13,7 +13,7 @@ from pyimgano_core.model import Model
 from tests.helpers import PixelEmbedder, PyramidEmbedder
 from tests.synth import normal_image, plant_blob
 
-SMALL = {"image_size": 48, "crop": None, "coreset_ratio": 0.5, "batch_size": 4}
+SMALL = {"image_size": 48, "crop": None, "coreset": {"ratio": 0.5}, "batch_size": 4}
 
 # name -> (constructor kwargs, or None when the detector needs an optional package/file: skipped with reason)
 CASES = {

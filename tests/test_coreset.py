@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyimgano_core.detectors import coreset
-from pyimgano_core.detectors.coreset import greedy_coreset, kcenter
+from pyimgano_core.detectors.patchknn import greedy as coreset
+from pyimgano_core.detectors.patchknn.greedy import greedy_coreset, kcenter
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BOTTLE = SHARED / "data/mvtec_ad/bottle/train/good"

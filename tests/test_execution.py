@@ -27,7 +27,7 @@ runner = CliRunner()
 METRICS = ("metrics", "per_defect", "decisions", "counts")
 # a small random-init CNN whose ONNX export passes its parity check (tests/test_onnx.py's)
 ONNX_CNN = dict(backbone="mobilenet_v2", layers=["features.3", "features.6"], weights=None, image_size=48, crop=None,
-                resize_mode="squash", coreset_ratio=0.5, pretrain_embed_dim=40, target_embed_dim=32)
+                resize_mode="squash", coreset={"ratio": 0.5}, pretrain_embed_dim=40, target_embed_dim=32)
 
 
 def run(*args):
@@ -100,7 +100,7 @@ def test_resume_skips_reports_with_the_same_config_hash(tree, tmp_path):
     # the hash covers what changes results, not where a run executes or writes
     base = load_config(cfg)
     assert json.loads(reports["gadget"].read_text())["config_hash"] == config_hash(base)
-    assert config_hash(load_config(cfg, ["detector.params.coreset_ratio=0.25"])) != config_hash(base)
+    assert config_hash(load_config(cfg, ["detector.params.coreset.ratio=0.25"])) != config_hash(base)
     assert config_hash(load_config(cfg, ["execution.backend=ray", "output.root=elsewhere"])) == config_hash(base)
 
 
@@ -190,13 +190,13 @@ def _metrics(folder: Path) -> dict:
 
 def test_sweep_on_ray_gives_the_local_metrics(ray_cluster, tree, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tree)
-    grid = ["--grid", "dataset.category=gadget,widget", "--grid", "detector.params.coreset_ratio=0.25"]
+    grid = ["--grid", "dataset.category=gadget,widget", "--grid", "detector.params.coreset.ratio=0.25"]
     res = run("sweep", cfg, *grid, "--out", tmp_path / "local", "--json")
     assert res.exit_code == 0, res.output
     res = run("sweep", cfg, *grid, "--ray", "local", "--out", tmp_path / "ray", "--json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    names = ["t__category-gadget__coreset_ratio-0.25", "t__category-widget__coreset_ratio-0.25"]
+    names = ["t__category-gadget__coreset.ratio-0.25", "t__category-widget__coreset.ratio-0.25"]
     assert doc["executor"] == "ray" and [r["run"] for r in doc["runs"]] == names
     local, remote = _metrics(tmp_path / "local"), _metrics(tmp_path / "ray")
     assert sorted(local) == [f"{n}/{c}/report.json" for n, c in zip(names, ("gadget", "widget"))]

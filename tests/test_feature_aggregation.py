@@ -21,7 +21,7 @@ from pyimgano_core.model import Model
 from tests.test_backbones import _reference_embed
 
 CNN = dict(backbone="resnet18", layers=["layer2", "layer3"], weights=None, image_size=64, crop=None, resize_mode="squash",
-           coreset_ratio=1.0)
+           coreset={"ratio": 1.0})
 
 
 def _images(n: int, seed: int = 0) -> list[np.ndarray]:

@@ -86,7 +86,7 @@ def reference_patchcore(train, test, sigma=4.0):
 
 
 def patchcore(**kw):
-    base = dict(image_size=32, crop=None, resize_mode="squash", coreset_ratio=1.0, batch_size=16)
+    base = dict(image_size=32, crop=None, resize_mode="squash", coreset={"ratio": 1.0}, batch_size=16)
     return create_detector("patchcore", embedder=CellEmbedder(), **(base | kw))
 
 
@@ -105,7 +105,7 @@ def test_patchcore_squared_distance_equals_the_reference_pipeline():
 def test_softpatch_squared_distance_times_weight_equals_the_reference():
     train, test = textures(12, 3), textures(2, 4) + textures(2, 5, defect=True)
     det = create_detector("softpatch", embedder=CellEmbedder(), image_size=32, crop=None, resize_mode="squash",
-                          coreset_ratio=1.0, blur_sigma=4.0, batch_size=16).fit(train)
+                          coreset={"ratio": 1.0}, blur_sigma=4.0, batch_size=16).fit(train)
     pred = det.predict(test)
     q = cell_features(test)
     d2, nn = nn_sq_dist(q.reshape(-1, 6), det.memory_.astype(np.float64))

@@ -12,7 +12,7 @@ import torch
 
 from pyimgano_core.config import validate_config
 from pyimgano_core.detectors.anomalydino import ROTATION_ANGLES, AnomalyDINO
-from pyimgano_core.detectors.tiling import tile_starts
+from pyimgano_core.detectors.patchknn.tiling import tile_starts
 from pyimgano_core.errors import ConfigError, ModelError
 from pyimgano_core.model import Model
 from tests.helpers import PixelEmbedder, run_cli, write_config
@@ -59,7 +59,7 @@ def test_tiled_anomalydino_equals_scoring_each_tile_alone(embedder):
     train, (test,) = images(3, 0), images(1, 1)
     test[30:50, 40:70] = 230  # a defect across tile seams
     tile, overlap = 48, 0.25
-    common = dict(coreset_ratio=1.0, blur_sigma=0.0, batch_size=4, aggregation="max")
+    common = dict(coreset={"ratio": 1.0}, blur_sigma=0.0, batch_size=4, aggregation="max")
     tiled = AnomalyDINO(embedder=embedder(), **common, tiling={"tile": tile, "overlap": overlap}).fit(train)
     cut = [im[y : y + tile, x : x + tile] for im in train for y in tile_starts(72, tile, overlap)
            for x in tile_starts(104, tile, overlap)]
@@ -73,7 +73,7 @@ def test_tiled_anomalydino_equals_scoring_each_tile_alone(embedder):
     np.testing.assert_allclose(pred.maps[0], ref, rtol=1e-4, atol=1e-6)
     assert pred.scores[0] == pytest.approx(ref.max(), rel=1e-5)
     # AnomalyDINO's own rule (top-1% mean), over the stitched map; the blur only changes the map
-    top = AnomalyDINO(embedder=embedder(), coreset_ratio=1.0, tiling={"tile": tile, "overlap": overlap}).fit(train)
+    top = AnomalyDINO(embedder=embedder(), coreset={"ratio": 1.0}, tiling={"tile": tile, "overlap": overlap}).fit(train)
     got = top.predict([test])
     assert got.scores[0] == pytest.approx(np.sort(ref.ravel())[-int(ref.size * 0.01):].mean(), rel=1e-4)
     assert got.maps[0].max() < ref.max()
@@ -82,7 +82,7 @@ def test_tiled_anomalydino_equals_scoring_each_tile_alone(embedder):
 
 def test_rotations_and_per_tile_banks_of_normalised_tokens(tmp_path):
     train = images(2, 2, hw=(64, 96))
-    kw = dict(embedder=TokenEmbedder(), coreset_ratio=1.0, tiling={"tile": 32, "overlap": 0.0, "bank": "per_tile"})
+    kw = dict(embedder=TokenEmbedder(), coreset={"ratio": 1.0}, tiling={"tile": 32, "overlap": 0.0, "bank": "per_tile"})
     det = AnomalyDINO(**kw).fit(train)
     assert det.tile_grid_ == (2, 3) and list(det.tile_offsets_) == [128 * k for k in range(7)]  # 2 images x 8x8 patches
     rot = AnomalyDINO(**kw, rotation=True).fit(train)  # each image under 8 angles, each cut into the same 2x3 tiles
@@ -113,7 +113,7 @@ def _config(params: dict) -> dict:
     ({"tiling": {"tile": 448, "scale": 0.5}}, "blur_at: original does not apply with tiling.scale != 1"),
     ({"tiling": {"tile": 448}, "image_size": 448}, "image_size, crop and resize_mode do not apply with tiling"),
     ({"tiling": {"tile": 448}, "aggregation": "topk_mean", "topk": 5}, "topk counts the patches of one model input"),
-    ({"tiling": {"tile": 448, "bank": "per_tile"}, "knn_index": "hnsw"}, "per_tile searches each tile position's bank"),
+    ({"tiling": {"tile": 448, "bank": "per_tile"}, "knn": {"kind": "hnsw"}}, "per_tile searches each tile position's bank"),
     ({"tiling": {"tile": 448, "overlap": 1.0}}, "detector.params.tiling.overlap"),
 ])
 def test_bad_tiling_settings_of_anomalydino_are_config_errors(params, message):
@@ -139,7 +139,7 @@ def test_a_tile_that_is_not_a_multiple_of_the_patch_size_fails_before_the_fit():
 def test_export_onnx_refuses_a_tiled_anomalydino_in_one_line(tmp_path):
     from pyimgano_core.deploy.onnx_export import check_exportable
 
-    det = AnomalyDINO(embedder=TokenEmbedder(), coreset_ratio=1.0, tiling={"tile": 32}).fit(images(1, 0))
+    det = AnomalyDINO(embedder=TokenEmbedder(), coreset={"ratio": 1.0}, tiling={"tile": 32}).fit(images(1, 0))
     with pytest.raises(ModelError, match="cannot export to ONNX: tiling") as err:
         check_exportable(Model(det), tmp_path)
     assert "\n" not in str(err.value)

@@ -49,13 +49,13 @@ def _images(rng, n, hw):
 def test_auto_size_is_resolved_at_fit_reproducible_and_saved(tmp_path):
     rng = np.random.default_rng(0)
     train = _images(rng, 3, (60, 150)) + _images(rng, 2, (80, 200))  # all w/h = 2.5
-    det = PatchCore(embedder=TwoTapEmbedder(), image_size="auto", pixel_budget=64 * 160, coreset_ratio=0.5).fit(train)
+    det = PatchCore(embedder=TwoTapEmbedder(), image_size="auto", pixel_budget=64 * 160, coreset={"ratio": 0.5}).fit(train)
     assert det.image_size_ == (64, 160)
     assert det.geometry.input_hw((60, 150)) == (64, 160)
     record = det.protocol()["input_rule"]
     assert record["resolved_hw"] == [64, 160] and record["median_aspect_w_over_h"] == pytest.approx(2.5)
     assert record["patch_grid"] == [16, 40] and record["multiple_of"] == 8 and record["pixel_budget"] == 64 * 160
-    again = PatchCore(embedder=TwoTapEmbedder(), image_size="auto", pixel_budget=64 * 160, coreset_ratio=0.5).fit(train[::-1])
+    again = PatchCore(embedder=TwoTapEmbedder(), image_size="auto", pixel_budget=64 * 160, coreset={"ratio": 0.5}).fit(train[::-1])
     assert again.image_size_ == det.image_size_
     test = _images(rng, 2, (70, 120))
     pred = det.predict(test)
@@ -85,7 +85,7 @@ def test_budget_below_a_3x3_grid_is_a_config_error_before_any_feature():
     with pytest.raises(ConfigError, match=r"detector\.params\.pixel_budget=64 gives a 8x8 model input, a 2x2 patch grid"):
         det.fit(_images(rng, 2, (50, 50)))
     assert TwoTapEmbedder.calls == 0
-    ok = PatchCore(embedder=TwoTapEmbedder(), image_size="auto", pixel_budget=12 * 12, coreset_ratio=1.0).fit(_images(rng, 2, (50, 50)))
+    ok = PatchCore(embedder=TwoTapEmbedder(), image_size="auto", pixel_budget=12 * 12, coreset={"ratio": 1.0}).fit(_images(rng, 2, (50, 50)))
     assert ok.image_size_ == (16, 16)  # 12 rounds to 16 (multiple of 8): a 4x4 grid
 
 
@@ -97,7 +97,7 @@ def test_embedder_without_strides_is_refused():
 
 def test_real_backbone_strides_are_probed():
     det = PatchCore(backbone="resnet18", layers=["layer1", "layer2"], weights=None, image_size="auto",
-                    pixel_budget=64 * 64, coreset_ratio=1.0, pretrain_embed_dim=16, target_embed_dim=16)
+                    pixel_budget=64 * 64, coreset={"ratio": 1.0}, pretrain_embed_dim=16, target_embed_dim=16)
     det.fit([np.zeros((40, 80, 3), np.uint8), np.full((40, 80, 3), 9, np.uint8)])
     assert det.image_size_ == (48, 88)  # sqrt(4096 / 2) = 45.3 -> 48, 90.5 -> 88 (nearest multiples of layer2 stride 8)
     assert det.protocol()["input_rule"]["patch_grid"] == [12, 22]  # at layer1's stride 4
@@ -132,7 +132,7 @@ def test_auto_sized_model_exports_to_onnx_with_parity(tmp_path):
     rng = np.random.default_rng(0)
     paths = [write_image(tmp_path / f"{i}.png", normal_image(rng, (40, 90 + 4 * i))) for i in range(6)]
     det = PatchCore(backbone="mobilenet_v2", layers=["features.3", "features.6"], weights=None, image_size="auto",
-                    pixel_budget=48 * 96, coreset_ratio=0.5, pretrain_embed_dim=40, target_embed_dim=32).fit(paths[:3])
+                    pixel_budget=48 * 96, coreset={"ratio": 0.5}, pretrain_embed_dim=40, target_embed_dim=32).fit(paths[:3])
     assert det.image_size_ == (48, 104)  # median w/h 94/40 = 2.35: sqrt(4608 / 2.35) = 44.3 -> 48, 104.1 -> 104 (stride 8)
     pred = det.predict(paths[3:])
     model = Model(det, meta={"holdout": [str(p) for p in paths[3:]]})

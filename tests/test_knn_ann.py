@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from pyimgano_cli.app import app
 from pyimgano_core.config import validate_config
 from pyimgano_core.detectors import create_detector
-from pyimgano_core.detectors.knn import KNNIndex, default_nlist
+from pyimgano_core.detectors.patchknn.index import default_nlist, make_index
 from pyimgano_core.errors import ConfigError, ModelError
 from pyimgano_core.model import Model
 from tests.helpers import PixelEmbedder, write_config
@@ -42,7 +42,7 @@ def test_approximate_search_recall_and_only_overestimates(metric, kind, opts):
     rng = np.random.default_rng(0)
     bank, q = _clustered(rng, 3000), _clustered(rng, 400)
     ref = _brute(bank, q, metric)
-    d, i = KNNIndex(metric, kind=kind, **opts).fit(bank).search(q, k=3)
+    d, i = make_index({"kind": kind, **opts}, metric).fit(bank).search(q, k=3)
     assert d.shape == i.shape == (400, 3) and d.dtype == np.float32 and i.dtype == np.int64
     recall1 = np.mean(i[:, 0] == ref.argmin(1))
     assert recall1 >= 0.9, recall1
@@ -57,12 +57,12 @@ def test_approximate_search_recall_and_only_overestimates(metric, kind, opts):
 def test_exhaustive_settings_equal_exact_search(metric):
     rng = np.random.default_rng(1)
     bank, q = _clustered(rng, 800), _clustered(rng, 200)
-    de, ie = KNNIndex(metric).fit(bank).search(q, k=2)
+    de, ie = make_index({"kind": "exact"}, metric).fit(bank).search(q, k=2)
     # IVF visiting every list is an exhaustive scan; HNSW with a candidate list >= the bank too
     # pca_ivf with pca_dim = D (a rotation), every list visited and the whole bank re-ranked: exhaustive too
-    for idx in (KNNIndex(metric, kind="ivf", ivf_nlist=8, ivf_nprobe=8),
-                KNNIndex(metric, kind="hnsw", hnsw_ef_search=1024),
-                KNNIndex(metric, kind="pca_ivf", pca_dim=32, ivf_nlist=8, ivf_nprobe=8, rerank_candidates=800)):
+    for idx in (make_index({"kind": "ivf", "nlist": 8, "nprobe": 8}, metric),
+                make_index({"kind": "hnsw", "ef_search": 1024}, metric),
+                make_index({"kind": "pca_ivf", "pca_dim": 32, "nlist": 8, "nprobe": 8, "rerank_candidates": 800}, metric)):
         d, i = idx.fit(bank).search(q, k=2)
         np.testing.assert_array_equal(i, ie)
         np.testing.assert_allclose(d, de, rtol=1e-4, atol=1e-4)
@@ -82,14 +82,14 @@ def test_pca_ivf_candidates_reranked_exactly(metric):
     rng = np.random.default_rng(5)
     bank, q = _low_rank(rng, 4000), _low_rank(rng, 300)
     ref = _brute(bank, q, metric)
-    idx = KNNIndex(metric, kind="pca_ivf", pca_dim=16, ivf_nlist=32, ivf_nprobe=8, rerank_candidates=16).fit(bank)
+    idx = make_index({"kind": "pca_ivf", "pca_dim": 16, "nlist": 32, "nprobe": 8, "rerank_candidates": 16}, metric).fit(bank)
     d, i = idx.search(q, k=2)
     assert d.shape == i.shape == (300, 2) and d.dtype == np.float32 and i.dtype == np.int64
     assert np.mean(i[:, 0] == ref.argmin(1)) >= 0.95
     np.testing.assert_allclose(d, np.take_along_axis(ref, i, 1), rtol=1e-4, atol=1e-4)  # exact for the entry returned
     assert (d[:, 0] >= ref.min(1) - 1e-4).all() and (np.diff(d, axis=1) >= -1e-6).all()
-    raw, sha = idx.to_array()  # the faiss way (PCA + IVF in one blob), restored identically
-    again = KNNIndex(metric, kind="pca_ivf", pca_dim=16, ivf_nlist=32, ivf_nprobe=8, rerank_candidates=16).load_array(bank, raw, sha)
+    arrays, extras = idx.save()  # the faiss way (PCA + IVF in one blob), restored identically
+    again = make_index({"kind": "pca_ivf", "pca_dim": 16, "nlist": 32, "nprobe": 8, "rerank_candidates": 16}, metric).load(bank, arrays, extras)
     d2, i2 = again.search(q, k=2)
     np.testing.assert_array_equal(i2, i)
     np.testing.assert_array_equal(d2, d)
@@ -101,9 +101,9 @@ def test_pca_ivf_coarse_stage_is_faiss_own(metric):
     """The projection and list assignment done in torch propose the candidates faiss's own chain does."""
     rng = np.random.default_rng(6)
     bank, q = _low_rank(rng, 3000), _low_rank(rng, 200)
-    idx = KNNIndex(metric, kind="pca_ivf", pca_dim=16, ivf_nlist=32, ivf_nprobe=4, rerank_candidates=8).fit(bank)
+    idx = make_index({"kind": "pca_ivf", "pca_dim": 16, "nlist": 32, "nprobe": 4, "rerank_candidates": 8}, metric).fit(bank)
     qn = q / np.linalg.norm(q, axis=1, keepdims=True) if metric == "cosine" else q
-    _, theirs = idx._faiss.search(np.ascontiguousarray(qn, dtype=np.float32), 8)  # PCAMatrix + quantizer + scan
+    _, theirs = idx.index_.search(np.ascontiguousarray(qn, dtype=np.float32), 8)  # PCAMatrix + quantizer + scan
     d, i = idx.search(q, k=1)
     cand_d = np.take_along_axis(_brute(bank, q, metric), np.maximum(theirs, 0), 1)
     np.testing.assert_array_equal(i[:, 0], theirs[np.arange(len(q)), cand_d.argmin(1)])  # the best of faiss's candidates
@@ -113,24 +113,24 @@ def test_pca_ivf_coarse_stage_is_faiss_own(metric):
 def test_pca_ivf_saved_index_checks():
     rng = np.random.default_rng(6)
     bank = _low_rank(rng, 600)
-    raw, sha = KNNIndex(kind="pca_ivf", pca_dim=16, ivf_nlist=4, ivf_nprobe=2).fit(bank).to_array()
-    bad = raw.copy()
+    arrays, extras = make_index({"kind": "pca_ivf", "pca_dim": 16, "nlist": 4, "nprobe": 2}).fit(bank).save()
+    bad = arrays["knn_index_"].copy()
     bad[len(bad) // 2] ^= 0xFF
     with pytest.raises(ModelError, match="corrupt"):
-        KNNIndex(kind="pca_ivf", pca_dim=16, ivf_nlist=4, ivf_nprobe=2).load_array(bank, bad, sha)
+        make_index({"kind": "pca_ivf", "pca_dim": 16, "nlist": 4, "nprobe": 2}).load(bank, {"knn_index_": bad}, extras)
     with pytest.raises(ModelError, match="expected a IndexPreTransform"):  # an ivf blob is not a pca_ivf index
-        raw_ivf, sha_ivf = KNNIndex(kind="ivf", ivf_nlist=4, ivf_nprobe=2).fit(bank).to_array()
-        KNNIndex(kind="pca_ivf", pca_dim=16, ivf_nlist=4, ivf_nprobe=2).load_array(bank, raw_ivf, sha_ivf)
+        ivf_arrays, ivf_extras = make_index({"kind": "ivf", "nlist": 4, "nprobe": 2}).fit(bank).save()
+        make_index({"kind": "pca_ivf", "pca_dim": 16, "nlist": 4, "nprobe": 2}).load(bank, ivf_arrays, ivf_extras)
     with pytest.raises(ModelError, match="expected"):  # saved with another pca_dim
-        KNNIndex(kind="pca_ivf", pca_dim=8, ivf_nlist=4, ivf_nprobe=2).load_array(bank, raw, sha)
+        make_index({"kind": "pca_ivf", "pca_dim": 8, "nlist": 4, "nprobe": 2}).load(bank, arrays, extras)
 
 
 def test_pca_ivf_sizes_beyond_the_bank_are_config_errors():
     bank = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
-    with pytest.raises(ConfigError, match=r"detector\.params\.pca_dim=16 .* 8 feature dimensions"):
-        KNNIndex(kind="pca_ivf", pca_dim=16, ivf_nlist=2, ivf_nprobe=1).fit(bank)
-    with pytest.raises(ConfigError, match=r"detector\.params\.rerank_candidates=64 .* 50 memory entries"):
-        KNNIndex(kind="pca_ivf", pca_dim=4, ivf_nlist=2, ivf_nprobe=1, rerank_candidates=64).fit(bank)
+    with pytest.raises(ConfigError, match=r"detector\.params\.knn\.pca_dim=16 .* 8 feature dimensions"):
+        make_index({"kind": "pca_ivf", "pca_dim": 16, "nlist": 2, "nprobe": 1}).fit(bank)
+    with pytest.raises(ConfigError, match=r"detector\.params\.knn\.rerank_candidates=64 .* 50 memory entries"):
+        make_index({"kind": "pca_ivf", "pca_dim": 4, "nlist": 2, "nprobe": 1, "rerank_candidates": 64}).fit(bank)
 
 
 @pytest.mark.parametrize("kind,metric", [("ivf", "l2"), ("pca_ivf", "l2"), ("pca_ivf", "cosine")])
@@ -140,7 +140,7 @@ def test_ivf_rows_missing_neighbours_fall_back_to_exact(kind, metric):
     # 16 tiny lists, one visited, k (and pca_ivf's candidates) larger than most lists: faiss returns -1
     # there; those candidates must not be read as bank row -1 (the re-rank clamps and masks them)
     extra = {"pca_dim": 8, "rerank_candidates": 60} if kind == "pca_ivf" else {}
-    d, i = KNNIndex(metric, kind=kind, ivf_nlist=16, ivf_nprobe=1, **extra).fit(bank).search(q, k=60)
+    d, i = make_index({"kind": kind, "nlist": 16, "nprobe": 1, **extra}, metric).fit(bank).search(q, k=60)
     assert (i >= 0).all() and np.isfinite(d).all()
     assert all(len(set(row)) == 60 for row in i.tolist())
     ref = _brute(bank, q, metric)
@@ -153,12 +153,12 @@ def test_default_nlist():
 
 def test_ivf_more_lists_than_entries_is_config_error():
     bank = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
-    with pytest.raises(ConfigError, match=r"detector\.params\.ivf_nlist=64 .* 50 memory entries"):
-        KNNIndex(kind="ivf", ivf_nlist=64, ivf_nprobe=4).fit(bank)
+    with pytest.raises(ConfigError, match=r"detector\.params\.knn\.nlist=64 .* 50 memory entries"):
+        make_index({"kind": "ivf", "nlist": 64, "nprobe": 4}).fit(bank)
 
 
 def _detector(**kw):
-    return create_detector("patchcore", embedder=PixelEmbedder(), image_size=40, crop=None, coreset_ratio=0.5, **kw)
+    return create_detector("patchcore", embedder=PixelEmbedder(), image_size=40, crop=None, coreset={"ratio": 0.5}, **kw)
 
 
 def _images(seed=3):
@@ -169,8 +169,8 @@ def _images(seed=3):
     return train, test
 
 
-@pytest.mark.parametrize("kw", [dict(knn_index="hnsw", hnsw_ef_search=512), dict(knn_index="ivf", ivf_nlist=4, ivf_nprobe=4),
-                                dict(knn_index="pca_ivf", ivf_nlist=4, ivf_nprobe=4, pca_dim=27, rerank_candidates=300)])
+@pytest.mark.parametrize("kw", [dict(knn={"kind": "hnsw", "ef_search": 512}), dict(knn={"kind": "ivf", "nlist": 4, "nprobe": 4}),
+                                dict(knn={"kind": "pca_ivf", "nlist": 4, "nprobe": 4, "pca_dim": 27, "rerank_candidates": 300})])
 def test_detector_exhaustive_approximate_scores_like_exact_and_save_load(kw, tmp_path):
     train, test = _images()
     exact = _detector().fit(train).predict(test)
@@ -188,22 +188,26 @@ def test_detector_exhaustive_approximate_scores_like_exact_and_save_load(kw, tmp
 
 def test_ivf_nlist_beyond_training_patches_fails_before_the_memory_bank():
     train, _ = _images()  # 6 images x 10x10 patches = 600 training patches
-    with pytest.raises(ConfigError, match=r"ivf_nlist=1000 .* 600 training patches"):
-        _detector(knn_index="ivf", ivf_nlist=1000, ivf_nprobe=8).fit(train)
-    with pytest.raises(ConfigError, match=r"ivf_nlist=400 .* 300 memory entries"):  # 50% coreset
-        _detector(knn_index="ivf", ivf_nlist=400, ivf_nprobe=8).fit(train)
+    with pytest.raises(ConfigError, match=r"knn\.nlist=1000 .* 600 training patches"):
+        _detector(knn={"kind": "ivf", "nlist": 1000, "nprobe": 8}).fit(train)
+    with pytest.raises(ConfigError, match=r"knn\.nlist=400 .* 300 memory entries"):  # 50% coreset
+        _detector(knn={"kind": "ivf", "nlist": 400, "nprobe": 8}).fit(train)
 
 
 @pytest.mark.parametrize("params,field", [
-    ({"knn_index": "ivf", "ivf_nlist": 4, "ivf_nprobe": 8}, "ivf_nprobe=8"),
-    ({"knn_index": "exact", "hnsw_m": 16}, "hnsw_m only applies to knn_index: hnsw"),
-    ({"knn_index": "hnsw", "ivf_nprobe": 4}, "ivf_nprobe only applies to knn_index: ivf"),
-    ({"knn_index": "hnsw", "hnsw_ef_search": 0}, "hnsw_ef_search"),
-    ({"knn_index": "annoy"}, "knn_index"),
-    ({"knn_index": "ivf", "pca_dim": 32}, "pca_dim only applies to knn_index: pca_ivf"),
-    ({"knn_index": "pca_ivf", "rerank_candidates": 0}, "rerank_candidates"),
-    ({"knn_index": "pca_ivf", "pca_dim": 0}, "pca_dim"),
-    ({"knn_index": "pca_ivf", "ivf_nlist": 4, "ivf_nprobe": 8}, "ivf_nprobe=8"),
+    ({"knn": {"kind": "ivf", "nlist": 4, "nprobe": 8}}, "nprobe=8"),
+    ({"knn": {"kind": "exact", "m": 16}}, r"knn\.m: unknown key; allowed: kind"),
+    ({"knn": {"kind": "hnsw", "nprobe": 4}}, r"knn\.nprobe: unknown key; allowed: ef_construction, ef_search, kind, m"),
+    ({"knn": {"kind": "hnsw", "ef_search": 0}}, r"knn\.ef_search"),
+    ({"knn": {"kind": "annoy"}}, "knn"),
+    ({"knn": {"kind": "ivf", "pca_dim": 32}}, r"knn\.pca_dim: unknown key"),
+    ({"knn": {"kind": "pca_ivf", "rerank_candidates": 0}}, "rerank_candidates"),
+    ({"knn": {"kind": "pca_ivf", "pca_dim": 0}}, "pca_dim"),
+    ({"knn": {"kind": "pca_ivf", "nlist": 4, "nprobe": 8}}, "nprobe=8"),
+    # the flat keys of earlier releases are rewritten, then validated the same way
+    ({"knn_index": "ivf", "ivf_nlist": 4, "ivf_nprobe": 8}, "nprobe=8"),
+    ({"knn_index": "exact", "hnsw_m": 16}, r"knn\.m: unknown key"),
+    ({"knn_index": "hnsw", "knn_backend": "faiss"}, "knn_backend only applies to knn_index: exact"),
 ])
 def test_bad_index_parameters_are_config_errors_naming_the_field(params, field):
     cfg = {"name": "t", "dataset": {"type": "mvtec_ad", "root": ".", "category": "bottle"},
@@ -216,7 +220,7 @@ def test_bad_index_parameters_are_config_errors_naming_the_field(params, field):
 def test_corrupt_saved_index_is_one_line_exit_4(tmp_path):
     tree = make_mvtec_tree(tmp_path / "data", n_train=6, n_test_good=2)
     params = {"backbone": "resnet18", "layers": ["layer1", "layer2"], "weights": None, "image_size": 64, "crop": None,
-              "coreset_ratio": 0.5, "pretrain_embed_dim": 64, "target_embed_dim": 64, "knn_index": "hnsw"}
+              "coreset": {"ratio": 0.5}, "pretrain_embed_dim": 64, "target_embed_dim": 64, "knn": {"kind": "hnsw"}}
     cfg = write_config(tmp_path / "c.yaml", tree, params=params)
     runner = CliRunner()
     assert runner.invoke(app, ["fit", str(cfg), "--out", str(tmp_path / "m"), "-q"]).exit_code == 0

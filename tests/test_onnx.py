@@ -34,7 +34,7 @@ from pyimgano_core.deploy.onnx_export import export_onnx  # noqa: E402
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
 CNN = dict(backbone="mobilenet_v2", layers=["features.3", "features.6"], weights=None, image_size=48, crop=None, resize_mode="squash",
-           coreset_ratio=0.5, pretrain_embed_dim=40, target_embed_dim=32)
+           coreset={"ratio": 0.5}, pretrain_embed_dim=40, target_embed_dim=32)
 SETTINGS = {  # patchcore with defaults (max, blur 4) is the CLI fixture's model below
     "patchcore_topk_mean_no_blur": ("patchcore", dict(CNN, aggregation="topk_mean", topk_ratio=0.1, blur_sigma=0.0)),
     "softpatch_soft_weights": ("softpatch", CNN),
@@ -51,7 +51,7 @@ if "distance" in _CNN_FIELDS:
 try:
     import faiss  # noqa: F401
 
-    SETTINGS["patchcore_faiss_exact"] = ("patchcore", dict(CNN, knn_backend="faiss"))
+    SETTINGS["patchcore_faiss_exact"] = ("patchcore", dict(CNN, knn={"kind": "flat"}))
 except ImportError:
     pass
 
@@ -184,7 +184,7 @@ def test_planted_ties_share_the_weight_in_both_runtimes(tmp_path):
     n0 = len(det.memory_)
     det.memory_ = np.concatenate([det.memory_, np.stack(mem)]).astype(np.float32)
     det.memory_weights_ = np.concatenate([det.memory_weights_, np.tile(np.float32([1.0, 1.6]), len(planted))])
-    det._index = None
+    det._index = det.scorer_ = None
     d, idx = det._knn().search(np.stack(planted), k=4)
     assert (idx[:, :2] >= n0).all() and (d[:, 1] ** 2 - d[:, 0] ** 2 <= 1e-3 * d[:, 0] ** 2).all()  # tied to float rounding
     w = matched_weight(torch.from_numpy(d**2), torch.from_numpy(idx), torch.from_numpy(det.memory_weights_)).numpy()
@@ -200,7 +200,7 @@ def test_planted_ties_share_the_weight_in_both_runtimes(tmp_path):
     onnx_patch = session.run(["patch_scores"], {"image": x})[0]
     feats = np.concatenate([f for f, _ in det._embed(paths[4:], {})])
     dd, ii = det._knn().search(feats.reshape(-1, feats.shape[-1]), k=det._k())
-    torch_patch = det._score_patches(det._scale_distances(dd), ii).reshape(onnx_patch.shape)
+    torch_patch = det.scorer(dd, ii).reshape(onnx_patch.shape)
     assert np.max(np.abs(onnx_patch - torch_patch)) <= 1e-4 * torch_patch.max()
 
 
@@ -215,10 +215,10 @@ def test_refusals_are_one_line(tmp_path):
     assert res.exit_code == 4 and "'anomalib_checkpoint' is not supported" in res.output and len(res.output.strip().splitlines()) == 1
     res = runner.invoke(app, ["export-onnx", str(folder), "--opset", "9"])
     assert res.exit_code == 4 and len(res.output.strip().splitlines()) == 1
-    if "knn_index" in _CNN_FIELDS and "patchcore_faiss_exact" in SETTINGS:
-        hnsw = _saved(tmp_path / "h", "patchcore", dict(CNN, knn_index="hnsw"), calibrated=False)
+    if "knn" in _CNN_FIELDS and "patchcore_faiss_exact" in SETTINGS:
+        hnsw = _saved(tmp_path / "h", "patchcore", dict(CNN, knn={"kind": "hnsw"}), calibrated=False)
         res = runner.invoke(app, ["export-onnx", str(hnsw)])
-        assert res.exit_code == 4 and "knn_index 'hnsw'" in res.output and len(res.output.strip().splitlines()) == 1
+        assert res.exit_code == 4 and "knn.kind 'hnsw'" in res.output and len(res.output.strip().splitlines()) == 1
     dino = _saved(tmp_path / "d", "anomalydino", dict(SETTINGS["anomalydino_cnn"][1], masking=True, mask_threshold=1.0), calibrated=False)
     res = runner.invoke(app, ["export-onnx", str(dino)])
     assert res.exit_code == 4 and "masking" in res.output

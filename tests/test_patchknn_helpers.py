@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from pyimgano_core.detectors.patchknn import KNNIndex, aggregate, greedy_coreset, to_grid, upsample
+from pyimgano_core.detectors.patchknn import aggregate, make_index, greedy_coreset, to_grid, upsample
 
 
 # ------------------------------------------------------------------------------ aggregate
@@ -126,7 +126,7 @@ def test_knn_index_matches_brute_force(metric, backend):
     bank = rng.normal(size=(60, 8)).astype(np.float64)
     queries = rng.normal(size=(25, 8)).astype(np.float64)
     queries[0] = bank[7] * (1.0 if metric == "l2" else 3.0)  # an exact hit: distance 0
-    dists, idx = KNNIndex(metric, backend).fit(bank).search(queries, k=3, chunk=7)  # several chunks
+    dists, idx = make_index({"kind": ("flat" if backend == "faiss" else "exact")}, metric).fit(bank).search(queries, k=3, **({"chunk": 7} if backend == "torch" else {}))  # several chunks
     ref_d, ref_i = _brute(bank, queries, 3, metric)
     assert dists.shape == idx.shape == (25, 3)
     np.testing.assert_array_equal(idx, ref_i)

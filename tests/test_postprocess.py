@@ -108,7 +108,7 @@ def test_holdout_is_seeded_disjoint_and_nonempty():
 def test_thresholds_and_postprocess_survive_save_load(tmp_path):
     rng = np.random.default_rng(0)
     imgs = [normal_image(rng, (32, 32)) for _ in range(4)]
-    det = create_detector("patchcore", embedder=PixelEmbedder(), image_size=32, crop=None, coreset_ratio=0.5).fit(imgs)
+    det = create_detector("patchcore", embedder=PixelEmbedder(), image_size=32, crop=None, coreset={"ratio": 0.5}).fit(imgs)
     pp = post(normalize="zscore", min_area=3).fit([np.ones((4, 4)), np.zeros((4, 4))])
     Model(det, pp, Thresholds(1.5, 0.25, 0.99, 0.999, 4, 0.1)).save(tmp_path / "m")
     m = Model.load(tmp_path / "m", embedder=PixelEmbedder())

@@ -46,7 +46,7 @@ class BlockEmbedder:
 
 
 def params(**kw):
-    base = dict(image_size=32, crop=None, coreset_ratio=1.0, blur_sigma=0.0, batch_size=16)
+    base = dict(image_size=32, crop=None, coreset={"ratio": 1.0}, blur_sigma=0.0, batch_size=16)
     return base | kw
 
 
@@ -154,7 +154,7 @@ def test_noisy_patches_slipping_through_keep_their_high_weight(train_images):
 def test_small_coreset_patchcore_keeps_outliers_softpatch_does_not(train_images):
     # Greedy k-center picks the farthest patches first: plain PatchCore's 5% coreset holds
     # the planted defects, SoftPatch's holds none.
-    kw = params(coreset_ratio=0.05)
+    kw = params(coreset={"ratio": 0.05})
     pc = PatchCore(embedder=BlockEmbedder(), **kw).fit(train_images)
     sp = SoftPatch(embedder=BlockEmbedder(), **kw).fit(train_images)
     assert len(pc.memory_) == len(sp.memory_) == int(480 * 0.05)
@@ -229,7 +229,7 @@ def test_matched_weight_does_not_flip_with_rounding_noise():
 
 # ------------------------------------------------------------- determinism and persistence
 def test_seeded_fit_is_deterministic(train_images):
-    kw = dict(coreset_ratio=0.25, noise_projection_dim=4, seed=3)  # projection + coreset in play
+    kw = dict(coreset={"ratio": 0.25}, noise_projection_dim=4, seed=3)  # projection + coreset in play
     a, b = softpatch(**kw).fit(train_images), softpatch(**kw).fit(train_images)
     np.testing.assert_array_equal(a.memory_, b.memory_)
     np.testing.assert_array_equal(a.memory_weights_, b.memory_weights_)
@@ -240,7 +240,7 @@ def test_seeded_fit_is_deterministic(train_images):
 
 
 def test_save_load_gives_identical_scores(train_images, tmp_path):
-    det = softpatch(coreset_ratio=0.3, noise_discriminator="gaussian").fit(train_images)
+    det = softpatch(coreset={"ratio": 0.3}, noise_discriminator="gaussian").fit(train_images)
     before = det.predict(train_images[:5])
     folder = Model(det).save(tmp_path / "model")
     loaded = Model.load(folder, embedder=BlockEmbedder())
@@ -252,7 +252,7 @@ def test_save_load_gives_identical_scores(train_images, tmp_path):
     assert loaded.detector.params_.noise_discriminator == "gaussian"
     assert loaded.detector.n_excluded_patches_ == det.n_excluded_patches_
     # the soft weights are part of the model: dropping them changes the scores
-    assert not np.allclose(softpatch(coreset_ratio=0.3, noise_discriminator="gaussian", soft_weight=False)
+    assert not np.allclose(softpatch(coreset={"ratio": 0.3}, noise_discriminator="gaussian", soft_weight=False)
                            .fit(train_images).predict(train_images[:5]).scores, before.scores)
 
 
@@ -302,7 +302,7 @@ def test_cli_eval_with_contamination_records_moved_files(tmp_path):
         "detector": {"name": "softpatch", "params": {
             "backbone": "mobilenet_v2", "layers": ["features.6", "features.13"], "weights": None,
             "image_size": 48, "crop": None, "pretrain_embed_dim": 64, "target_embed_dim": 64,
-            "coreset_ratio": 0.1}},
+            "coreset": {"ratio": 0.1}}},
         "metrics": {"resolution": "original"},
     }
     path = tmp_path / "softpatch.yaml"

@@ -92,7 +92,7 @@ def _images(n=6, seed=0):
 
 
 def test_fit_reports_spill_and_estimate_and_matches_in_memory_coreset(tmp_path):
-    det = PatchCore(embedder=PixelEmbedder(), image_size=32, crop=None, coreset_ratio=0.25, spill_dir=str(tmp_path))
+    det = PatchCore(embedder=PixelEmbedder(), image_size=32, crop=None, coreset={"ratio": 0.25}, spill_dir=str(tmp_path))
     stages = []
     det.fit_progress = lambda stage, done, total: stages.append((stage.split(":")[0], done, total))
     det.fit(_images())
@@ -103,7 +103,7 @@ def test_fit_reports_spill_and_estimate_and_matches_in_memory_coreset(tmp_path):
     assert list(tmp_path.iterdir()) == []
     assert ("features", 6, 6) in stages and stages[-1] == ("coreset", 96, 96)
     # same memory as the coreset of the in-RAM features
-    from pyimgano_core.detectors.coreset import greedy_coreset
+    from pyimgano_core.detectors.patchknn.greedy import greedy_coreset
 
     feats = np.concatenate([f for f, _ in det._embed(_images(), {})]).reshape(-1, 27)
     np.testing.assert_array_equal(det.memory_, feats[np.sort(greedy_coreset(feats, 96, 128, 0))])
@@ -111,13 +111,13 @@ def test_fit_reports_spill_and_estimate_and_matches_in_memory_coreset(tmp_path):
 
 def test_memory_limit_stops_before_the_work_naming_the_knobs(tmp_path):
     det = PatchCore(embedder=PixelEmbedder(), image_size=32, crop=None, max_memory_gb=0.001, spill_dir=str(tmp_path))
-    with pytest.raises(ResourceError, match="coreset_ratio, image_size.*layer"):
+    with pytest.raises(ResourceError, match=r"coreset\.ratio, image_size.*layer"):
         det.fit(_images())
     assert list(tmp_path.iterdir()) == []
 
 
 def test_ctrl_c_during_coreset_leaves_nothing_and_rerun_works(tmp_path):
-    det = PatchCore(embedder=PixelEmbedder(), image_size=32, crop=None, coreset_ratio=0.5, spill_dir=str(tmp_path))
+    det = PatchCore(embedder=PixelEmbedder(), image_size=32, crop=None, coreset={"ratio": 0.5}, spill_dir=str(tmp_path))
 
     def interrupt(stage, done, total):
         if stage.startswith("coreset") and done > 0:
@@ -136,7 +136,7 @@ def test_cli_one_line_and_exit_code_for_unwritable_spill_dir_and_limit(tree, tmp
     for params, needle in (({"spill_dir": str(tmp_path / "nope" / "x")}, "spill folder"),
                            ({"max_memory_gb": 0.01}, "max_memory_gb")):
         cfg = write_config(tmp_path / "c.yaml", tree, params={"backbone": "resnet18", "layers": ["layer1"], "weights": None,
-                                                              "image_size": 32, "crop": None, "coreset_ratio": 0.5,
+                                                              "image_size": 32, "crop": None, "coreset": {"ratio": 0.5},
                                                               "pretrain_embed_dim": 16, "target_embed_dim": 16, **params})
         res = runner.invoke(app, ["eval", str(cfg), "--out", str(tmp_path / "out"), "--quiet"])
         assert res.exit_code == ResourceError.exit_code, res.output

@@ -23,9 +23,9 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     make_mvtec_tree(root, n_train=6, n_test_good=4, defects={"crack": 3, "hole": 3}, size=(48, 48))
     cfg = validate_config({"name": "t", "seed": 0, "dataset": {"type": "mvtec_ad", "root": str(root), "category": "widget"},
-                           "detector": {"name": "patchcore", "params": {"image_size": 48, "crop": None, "coreset_ratio": 0.5}}})
+                           "detector": {"name": "patchcore", "params": {"image_size": 48, "crop": None, "coreset": {"ratio": 0.5}}}})
     split = load_splits(cfg.dataset)[0]
-    det = create_detector("patchcore", embedder=PixelEmbedder(), image_size=48, crop=None, coreset_ratio=0.5)
+    det = create_detector("patchcore", embedder=PixelEmbedder(), image_size=48, crop=None, coreset={"ratio": 0.5})
     return cfg, split, Model(det.fit([s.path for s in split.train]))
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pyimgano_core.config import validate_config
 from pyimgano_core.detectors.patchcore import PatchCore
 from pyimgano_core.detectors.softpatch import SoftPatch
-from pyimgano_core.detectors.tiling import Tiling, plan_grid, tile_starts
+from pyimgano_core.detectors.patchknn.tiling import Tiling, plan_grid, tile_starts
 from pyimgano_core.errors import ConfigError, DataError, ModelError
 from pyimgano_core.model import Model
 from tests.helpers import PixelEmbedder
@@ -59,7 +59,7 @@ def test_grid_of_a_non_multiple_image_covers_every_pixel_once_or_more():
 
 
 def test_constant_scores_stitch_to_a_constant_map():
-    det = PatchCore(embedder=MeanEmbedder(), coreset_ratio=1.0, distance="euclidean", tiling={"tile": 64, "overlap": 0.3})
+    det = PatchCore(embedder=MeanEmbedder(), coreset={"ratio": 1.0}, distance="euclidean", tiling={"tile": 64, "overlap": 0.3})
     det.fit([flat(50, 150, 97), flat(50, 130, 200)])
     pred = det.predict([flat(150, 150, 97), flat(150, 211, 173)])
     expected = math.sqrt(3) * 100 / 255  # the distance of grey 150 to grey 50, over the 3 channels
@@ -87,7 +87,7 @@ def test_stitched_map_and_score_equal_a_per_tile_reference():
     train = [rng.integers(90, 110, (120, 150, 3), dtype=np.uint8) for _ in range(3)]
     test = rng.integers(90, 110, (120, 150, 3), dtype=np.uint8)
     test[40:60, 70:95] = 230  # a defect across a tile seam
-    common = dict(embedder=PixelEmbedder(), coreset_ratio=1.0, blur_sigma=0.0, batch_size=3)
+    common = dict(embedder=PixelEmbedder(), coreset={"ratio": 1.0}, blur_sigma=0.0, batch_size=3)
     tiled = PatchCore(**common, tiling={"tile": 64, "overlap": 0.25}).fit(train)
     untiled = PatchCore(**common, image_size=64, crop=None, resize_mode="squash")
     untiled.fit([im[y : y + 64, x : x + 64] for im in train for y in tile_starts(120, 64, 0.25) for x in tile_starts(150, 64, 0.25)])
@@ -113,7 +113,7 @@ def test_per_tile_banks_only_compare_a_tile_with_its_own_position():
     left_red[:, :64, 0] = 200
     left_red[:, 64:, 2] = 200
     swapped = left_red[:, ::-1].copy()  # red on the right: each colour is normal, but at the wrong tile
-    common = dict(embedder=MeanEmbedder(), coreset_ratio=1.0, distance="euclidean")
+    common = dict(embedder=MeanEmbedder(), coreset={"ratio": 1.0}, distance="euclidean")
     shared = PatchCore(**common, tiling={"tile": 64, "overlap": 0.0, "bank": "shared"}).fit([left_red, left_red])
     per_tile = PatchCore(**common, tiling={"tile": 64, "overlap": 0.0, "bank": "per_tile"}).fit([left_red, left_red])
     assert per_tile.tile_grid_ == (1, 2) and list(per_tile.tile_offsets_) == [0, 512, 1024]
@@ -129,7 +129,7 @@ def test_model_folder_round_trip_of_both_banks(tmp_path):
     train = [rng.integers(0, 255, (100, 140, 3), dtype=np.uint8) for _ in range(2)]
     test = [rng.integers(0, 255, (100, 140, 3), dtype=np.uint8)]
     for bank in ("shared", "per_tile"):
-        det = PatchCore(embedder=PixelEmbedder(), coreset_ratio=0.5, tiling={"tile": 48, "overlap": 0.25, "bank": bank}).fit(train)
+        det = PatchCore(embedder=PixelEmbedder(), coreset={"ratio": 0.5}, tiling={"tile": 48, "overlap": 0.25, "bank": bank}).fit(train)
         before = det.predict(test)
         Model(det).save(tmp_path / bank)
         loaded = Model.load(tmp_path / bank, embedder=PixelEmbedder()).detector
@@ -146,14 +146,14 @@ def test_model_folder_round_trip_of_both_banks(tmp_path):
 
 def test_tile_larger_than_a_training_image_is_a_config_error_before_any_feature():
     MeanEmbedder.calls = 0
-    det = PatchCore(embedder=MeanEmbedder(), coreset_ratio=1.0, tiling={"tile": 128})
+    det = PatchCore(embedder=MeanEmbedder(), coreset={"ratio": 1.0}, tiling={"tile": 128})
     with pytest.raises(ConfigError, match=r"detector\.params\.tiling\.tile=128 is larger than image #1 \(200x100 px\)"):
         det.fit([flat(0, 300, 300), flat(0, 100, 200)])
     assert MeanEmbedder.calls == 0
     with pytest.raises(ConfigError, match=r"tiling\.scale=0\.5"):
         PatchCore(embedder=MeanEmbedder(), tiling={"tile": 128, "scale": 0.5}).fit([flat(0, 200, 200)])
     assert MeanEmbedder.calls == 0
-    det = PatchCore(embedder=MeanEmbedder(), coreset_ratio=1.0, tiling={"tile": 64}).fit([flat(0, 100, 100)])
+    det = PatchCore(embedder=MeanEmbedder(), coreset={"ratio": 1.0}, tiling={"tile": 64}).fit([flat(0, 100, 100)])
     with pytest.raises(DataError, match=r"tiling\.tile=64 is larger than image #1") as err:  # at predict: that image alone
         det.predict([flat(0, 100, 100), flat(0, 50, 300)])
     assert err.value.image_index == 1
@@ -176,7 +176,7 @@ def _config(params: dict) -> dict:
     ({"tiling": {"tile": 448, "overlap": 0.2, "stride": 3}}, "detector.params.tiling.stride: unknown key"),
     ({"tiling": {"tile": 448}, "image_size": 224}, "image_size, crop and resize_mode do not apply with tiling"),
     ({"tiling": {"tile": 448}, "reweight_neighbors": 9}, "reweight_neighbors does not apply with tiling"),
-    ({"tiling": {"tile": 448, "bank": "per_tile"}, "knn_index": "hnsw"}, "per_tile searches each tile position's bank exactly"),
+    ({"tiling": {"tile": 448, "bank": "per_tile"}, "knn": {"kind": "hnsw"}}, "per_tile searches each tile position's bank exactly"),
     ({"tiling": {"tile": 448}, "aggregation": "topk_mean", "topk": 5}, "topk counts the patches of one model input"),
 ])
 def test_bad_tiling_settings_are_config_errors_naming_the_field(params, field):
@@ -190,7 +190,7 @@ def test_softpatch_tiles_into_one_shared_bank_only():
     with pytest.raises(ConfigError, match="per_tile is not supported by softpatch"):
         validate_config({**_config({}), "detector": {"name": "softpatch", "params": {"tiling": {"tile": 64, "bank": "per_tile"}}}})
     rng = np.random.default_rng(2)
-    det = SoftPatch(embedder=PixelEmbedder(), coreset_ratio=0.5, tiling={"tile": 32, "overlap": 0.0})
+    det = SoftPatch(embedder=PixelEmbedder(), coreset={"ratio": 0.5}, tiling={"tile": 32, "overlap": 0.0})
     det.fit([rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(2)])
     assert det.train_outlier_scores_.shape == (8, 8, 8)  # 2 images x 4 tiles, each an 8x8 patch grid
     assert det.predict([rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)]).maps[0].shape == (64, 96)
@@ -199,7 +199,7 @@ def test_softpatch_tiles_into_one_shared_bank_only():
 def test_export_onnx_refuses_tiling_in_one_line(tmp_path):
     from pyimgano_core.deploy.onnx_export import check_exportable
 
-    det = PatchCore(embedder=MeanEmbedder(), coreset_ratio=1.0, tiling={"tile": 32}).fit([flat(0, 64, 64)])
+    det = PatchCore(embedder=MeanEmbedder(), coreset={"ratio": 1.0}, tiling={"tile": 32}).fit([flat(0, 64, 64)])
     with pytest.raises(ModelError, match="cannot export to ONNX: tiling") as err:
         check_exportable(Model(det), tmp_path)
     assert "\n" not in str(err.value)

@@ -118,6 +118,7 @@ def samples_from_rows(
     cfg: DatasetBase,
     anomaly_type: str,
     what: str = "manifest",
+    confine: bool = True,
 ) -> tuple[list[Sample], list[Sample], list[str]]:
     """Turn manifest-style rows into train and test samples.
 
@@ -144,7 +145,6 @@ def samples_from_rows(
     train: list[Sample] = []
     test: list[Sample] = []
     seen: dict[Path, int] = {}
-    confine = not getattr(cfg, "allow_outside_root", False)
     root = os.path.normpath(abs_path(base))
 
     def inside(kind: str, value: str, where: str) -> Path:
@@ -206,7 +206,7 @@ def load_manifest(cfg: ManifestConfig) -> list[Split]:
     path = abs_path(cfg.path)
     rows = read_table(path, MANIFEST_COLUMNS, ("image", "split", "label"))
     train, test, warnings = samples_from_rows(
-        rows, src=path, base=path.parent, cfg=cfg, anomaly_type="defect"
+        rows, src=path, base=path.parent, cfg=cfg, anomaly_type="defect", confine=not cfg.allow_outside_root
     )
     where = f"manifest {path}"
     return [

@@ -31,6 +31,7 @@ from ..errors import DataError, ModelError
 from ..optional import require
 from .onnx_runtime import INPUT_NAME, OUTPUT_NAMES, build_onnx_model, read_doc, session_from_bytes, sha256_bytes
 from .support import SUPPORTED, unsupported
+from ..data.io import image_size
 
 PARITY_RTOL = 1e-4  # largest allowed |onnx - torch| / |torch| for scores; / max|torch map| for maps
 N_PARITY_IMAGES = 4
@@ -73,7 +74,7 @@ def build_graph(model, folder: Path, input_hw: tuple[int, int]):
                               "supported: torchvision CNN backbones (anomalydino: torchvision:<name>)")
     weights = det.memory_weights_ if isinstance(det, SoftPatch) and p.soft_weight else None
     grid = _grid_size(head, input_hw)
-    return PatchKNNGraph(head, det.memory_, metric=det.metric, weights=weights, squared=getattr(p, "distance", "euclidean") == "squared",
+    return PatchKNNGraph(head, det.memory_, metric=det.metric, weights=weights, squared=det.scorer.squared,
                          aggregation=p.aggregation, k_top=topk_count(grid[0] * grid[1], p.topk_ratio), blur_sigma=p.blur_sigma,
                          input_hw=input_hw).eval()
 
@@ -102,8 +103,6 @@ def parity_images(model, folder: Path) -> tuple[list, str, tuple[int, int]]:
     The calibration (holdout) images when readable and of one model-input size; else seeded
     synthetic images, which need a size-independent geometry (squash) to define the graph size.
     """
-    from ..data.io import image_size
-
     geo = model.detector.geometry
     found, hw0 = [], None
     for path in model.meta.get("holdout") or []:

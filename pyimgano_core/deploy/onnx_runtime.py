@@ -26,6 +26,7 @@ from ..errors import DataError, ModelError
 from ..features.geometry import Geometry
 from ..optional import require
 from ..postprocess import AnomalyMapPostprocess
+from ..data.io import read_image
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "map", "patch_scores")
@@ -52,8 +53,6 @@ class OnnxDetector:
         self.geometry, self.input_hw, self.batch = geometry, input_hw, max(1, int(batch))
 
     def _prepare(self, item) -> tuple[np.ndarray, tuple, tuple[int, int]]:
-        from ..data.io import read_image
-
         image = read_image(item) if isinstance(item, (str, Path)) else np.asarray(item)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise DataError(f"images must be HxWx3 uint8 arrays or paths, got {image.dtype} {image.shape}")

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..detectors.patchknn.index import index_class
+
 ANY = "any"
 Rule = Any  # ANY | tuple of allowed values | Callable[[params], str | None]
 
@@ -28,10 +30,17 @@ def _pixel_size(name: str) -> Callable:
         v = getattr(p, name)
         # crop: None = whole image; image_size auto: a fixed size the fit resolved (the detector's geometry)
         # image_size None: tiles (the "tiling" rule gives that refusal its own reason)
-        ok = v is None if name == "crop" else (v == "auto" or (v is None and getattr(p, "tiling", None) is not None))
+        ok = v is None if name == "crop" else (v == "auto" or (v is None and p.tiling is not None))
         ok = ok or isinstance(v, int) or (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, int) for x in v))
         return None if ok else f"{name} {v!r}: the graph takes a fixed pixel size (an int, [h, w] or auto)"
     return rule
+
+
+def _exact_search(p) -> str | None:
+    # every kind that returns the true nearest entries (torch, faiss flat) is what the graph's matmul + reduce computes
+    if index_class(p.knn.kind).exact:
+        return None
+    return f"knn.kind {p.knn.kind!r}: the graph searches exactly; export a model fitted with knn.kind: exact"
 
 
 def _masking_off(p) -> str | None:
@@ -47,18 +56,14 @@ _PATCH_KNN: dict[str, Rule] = {
     "pixel_budget": ANY,  # image_size auto: shapes only the size the fit resolves
     "tiling": (None,),
     "aggregation": ("max", "mean", "topk_mean"), "topk_ratio": ANY, "topk": (None,), "blur_sigma": ANY,
-    "knn_backend": ANY,  # both are exact searches; the graph's matmul + reduce is exact too
-    "knn_index": ("exact",),
-    # search parameters of approximate indexes: PatchKNNParams forces their defaults unless knn_index uses them
-    "hnsw_m": ANY, "hnsw_ef_construction": ANY, "hnsw_ef_search": ANY, "ivf_nlist": ANY, "ivf_nprobe": ANY,
-    "pca_dim": ANY, "rerank_candidates": ANY,
+    "knn": _exact_search,
+    "coreset": ANY,  # shapes only the fit (which rows the memory bank holds)
     "batch_size": ANY, "device": ANY, "seed": ANY, "max_memory_gb": ANY, "spill_dir": ANY,
 }
-_CORESET = {"coreset_ratio": ANY, "coreset_projection_dim": ANY, "coreset_method": ANY, "coreset_chunk_points": ANY}
 # PatchCore / SoftPatch backbone and locally aware patch features (CNNPatchParams); build_graph
 # checks that the embedder is the one deploy/graph.py re-states (LocalPatchEmbedder).
 _CNN: dict[str, Rule] = {
-    **_PATCH_KNN, **_CORESET, "backbone": ANY, "layers": ANY, "weights": ANY,
+    **_PATCH_KNN, "backbone": ANY, "layers": ANY, "weights": ANY,
     "distance": ("euclidean", "squared"), "patch_size": ANY, "pretrain_embed_dim": ANY, "target_embed_dim": ANY,
     "feature_aggregation": ("reference",), "layer_weights": (None,),
 }
@@ -68,14 +73,13 @@ SUPPORTED: dict[str, dict[str, Rule]] = {
     "softpatch": {**_CNN, "noise_discriminator": ANY, "threshold": ANY, "lof_k": ANY, "noise_projection_dim": ANY,
                   "soft_weight": (True, False)},
     # CNN stand-in only (build_graph checks the embedder: torchvision:<name>)
-    "anomalydino": {**_PATCH_KNN, **_CORESET, "backbone": ANY, "weights": ANY, "layers": ANY, "patch_multiple": ANY,
+    "anomalydino": {**_PATCH_KNN, "backbone": ANY, "weights": ANY, "layers": ANY, "patch_multiple": ANY,
                     "masking": _masking_off, "mask_reference": ANY, "mask_threshold": ANY, "mask_morphology": ANY,
                     "blur_at": ("input",), "category": ANY, "rotation": ANY},
 }
 # Refusals that say what to use instead ({value} is the refused value).
 HINTS = {
     "reweight_neighbors": "patchcore reweight_neighbors {value} (paper eq. 7) is not in the graph; use reweight_neighbors: null",
-    "knn_index": "knn_index {value!r}: the graph searches exactly; export a model fitted with knn_index: exact",
     "blur_at": "blur_at {value!r}: the graph blurs at the model input size; use blur_at: input",
     "aggregation": "aggregation {value} is not in the graph; use aggregation max, mean or topk_mean with topk_ratio",
     "topk": "topk is not in the graph; use aggregation max, mean or topk_mean with topk_ratio",

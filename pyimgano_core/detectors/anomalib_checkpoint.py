@@ -36,6 +36,7 @@ from ..errors import ConfigError, DataError, ModelError
 from ..features.geometry import Geometry
 from ..optional import require
 from .base import Detector, DetectorParams, Prediction, register_detector
+from ..data.io import read_image
 
 PICKLE_SUFFIXES = (".pt", ".pth")
 LIGHTNING_SUFFIXES = (".ckpt",)
@@ -259,8 +260,6 @@ class AnomalibCheckpoint(Detector):
         """Original-size RGB image -> model input tensor [3, h, w] (checkpoint's own transform)."""
         import torch
         import torch.nn.functional as F
-
-        from ..data.io import read_image
 
         image = read_image(item) if isinstance(item, (str, Path)) else np.asarray(item)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:

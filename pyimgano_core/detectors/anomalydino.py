@@ -29,10 +29,13 @@ import cv2
 import numpy as np
 from pydantic import Field, model_validator
 
-from ..features.geometry import Geometry
 from ..features.vit import build_embedder, parse_backbone
 from .base import register_detector
+from ..errors import ConfigError
 from .patchknn import Aggregation, PatchKNNDetector, PatchKNNParams, upsample
+from .patchknn.coreset import CoresetParams, ExactCoreset
+from .patchknn.scorer import PlainScorer
+from ..data.io import read_image
 
 ROTATION_ANGLES = (0, 45, 90, 135, 180, 225, 270, 315)  # the reference code's augmentation
 
@@ -74,12 +77,9 @@ class FoundationPatchParams(PatchKNNParams):
         "(the reference's dists2map); input = blur at the model input, then resize")
     category: str | None = Field(None, description="dataset category, set by the engine; selects the masking: reference entry")
     rotation: bool = Field(False, description=f"augment reference images by rotations {ROTATION_ANGLES}")
-    coreset_ratio: float = Field(1.0, gt=0, le=1, description="share of reference patches kept in memory (1 = all, as the paper)")
-    coreset_method: Literal["greedy", "chunked", "random"] = Field(
-        "greedy", description="greedy: exact greedy k-center; chunked: exact greedy per chunk of coreset_chunk_points "
-        "patches at twice its share, then over their union (approximate, linear cost); random: a seeded random subset")
-    coreset_projection_dim: int = Field(128, ge=1, description="random projection used by the greedy coreset")
-    coreset_chunk_points: int = Field(200_000, ge=1000, description="patches per chunk of the chunked coreset")
+    coreset: CoresetParams = Field(default_factory=lambda: ExactCoreset(ratio=1.0),
+                                   description="memory bank subsampling (ratio 1 = every reference patch, as the paper); "
+                                   "method exact (greedy k-center) | chunked | random")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -112,14 +112,16 @@ class FoundationPatchParams(PatchKNNParams):
         if self.masking != "reference":
             return bool(self.masking)
         if self.category not in REFERENCE_MASKING:
-            from ..errors import ConfigError
-
             raise ConfigError(f"detector.params.masking=reference knows the MVTec AD and VisA categories; "
                               f"got category {self.category!r}: set masking to true or false")
         return REFERENCE_MASKING[self.category]
 
     def threshold(self) -> float:
         return DINOV2_MASK_THRESHOLD if self.mask_threshold is None else self.mask_threshold
+
+    def describe_features(self) -> str:
+        """One line for the report's protocol."""
+        return f"{self.backbone} patch tokens"
 
 
 def foreground_mask(tokens: np.ndarray, threshold: float = DINOV2_MASK_THRESHOLD, border: float = 0.2,
@@ -172,8 +174,6 @@ class RotatedImages(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        from ..data.io import read_image
-
         item = self.images[i // len(self.angles)]
         image = read_image(item) if not isinstance(item, np.ndarray) else item
         return rotate(image, self.angles[i % len(self.angles)])
@@ -185,13 +185,8 @@ class FoundationPatchKNN(PatchKNNDetector):
     Params = FoundationPatchParams
     metric = "cosine"
 
-    @property
-    def geometry(self) -> Geometry:
-        p = self.params_
-        if p.tiling is not None:  # a tile, as cut, is the model input
-            return super().geometry
-        multiple = p.patch_multiple or getattr(self._embedder(), "patch_size", None)
-        return Geometry(size=p.image_size, crop=p.crop, mode=p.resize_mode, multiple=multiple)
+    def _patch_multiple(self) -> int | None:
+        return self.params_.patch_multiple or getattr(self._embedder(), "patch_size", None)
 
     def _make_embedder(self):
         p = self.params_
@@ -209,11 +204,9 @@ class FoundationPatchKNN(PatchKNNDetector):
         p = self.params_
         patch = getattr(self._embedder(), "patch_size", None)
         if p.tiling is not None and patch and p.tiling.tile % patch:  # before any feature is extracted
-            from ..errors import ConfigError
-
             raise ConfigError(f"detector.params.tiling.tile={p.tiling.tile} is not a multiple of the backbone's patch size "
                               f"{patch} (a tile is one model input): use e.g. {max(patch, p.tiling.tile // patch * patch)}")
-        super()._fit(images)  # PatchKNNDetector: inputs (tiles) -> _references -> spill -> memory
+        super()._fit(images)  # PatchKNNDetector: input plan (tiles) -> _references -> spill -> memory
 
     def _references(self, images: list):
         p = self.params_
@@ -224,19 +217,6 @@ class FoundationPatchKNN(PatchKNNDetector):
             return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
 
         return (RotatedImages(images) if p.rotation else images), rows
-
-    def _build_memory(self, features, grid_hw) -> None:
-        """Memory of the (already L2-normalised) reference patches, optionally subsampled."""
-        p = self.params_
-        if p.coreset_ratio < 1:
-            n = max(1, int(len(features) * p.coreset_ratio))
-            if p.coreset_method == "random":
-                keep = np.random.default_rng(p.seed).choice(len(features), size=n, replace=False)
-            else:
-                keep = self._coreset(features, n)
-            self.memory_ = np.ascontiguousarray(features[np.sort(keep)], dtype=np.float32)
-        else:
-            self.memory_ = np.ascontiguousarray(features[:], dtype=np.float32)
 
     def _maps(self, patch: np.ndarray, batch) -> list[np.ndarray]:
         if self.params_.blur_at == "input":
@@ -252,10 +232,24 @@ class FoundationPatchKNN(PatchKNNDetector):
             out.append(upsample(grid[None], (y1 - y0, x1 - x0), self.params_.blur_sigma)[0])
         return out
 
-    def _score_patches(self, dists: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        scores = dists[:, 0]
-        # Background patches score 0, as in the reference code (they still count in the top-1% mean).
-        return scores if self._batch_fg is None else np.where(self._batch_fg.ravel(), scores, 0.0).astype(np.float32)
+    def _make_scorer(self) -> PlainScorer:
+        return ForegroundScorer(lambda: self._batch_fg)
+
+
+class ForegroundScorer(PlainScorer):
+    """Cosine distance to the nearest reference patch; background patches of the batch score 0.
+
+    As the reference code, masked-out patches still count in the top-1% mean (with score 0).
+    ``foreground()`` gives the current batch's mask [B, h, w] (None: masking off).
+    """
+
+    def __init__(self, foreground):
+        super().__init__(squared=False)
+        self.foreground = foreground
+
+    def __call__(self, dists: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        scores, fg = dists[:, 0], self.foreground()
+        return scores if fg is None else np.where(fg.ravel(), scores, 0.0).astype(np.float32)
 
 
 @register_detector

@@ -38,6 +38,11 @@ class DetectorParams(BaseModel):
                 raise ValueError(f"must be between 1 and {MAX_SIDE} pixels, got {x}")
         return v
 
+    @classmethod
+    def upgrade(cls, data: dict) -> tuple[dict, list[str]]:
+        """Parameters written for an earlier release rewritten to today's names, and one note per change."""
+        return data, []
+
     @field_validator("blur_sigma", check_fields=False)
     @classmethod
     def _sigma(cls, v):

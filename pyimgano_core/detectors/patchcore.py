@@ -14,7 +14,6 @@ Example
 """
 from __future__ import annotations
 
-import time
 from typing import Literal
 
 import numpy as np
@@ -62,17 +61,10 @@ class CNNPatchParams(PatchKNNParams):
     target_embed_dim: int = Field(1024, ge=1, description="reference: final patch feature dimension")
     layer_weights: list[float] | None = Field(
         None, description="concat: one positive factor per tapped layer, multiplying its channels (None: all 1)")
-    coreset_ratio: float = Field(0.1, gt=0, le=1, description="share of training patches kept in memory (1 = all)")
-    coreset_projection_dim: int = Field(128, ge=1, description="random projection used by the coreset search")
-    coreset_method: Literal["greedy", "chunked"] = Field(
-        "greedy", description="greedy: exact greedy k-center (the paper's picks); chunked: exact greedy per chunk of "
-        "coreset_chunk_points patches (training images in order) at twice its share, then the exact greedy over "
-        "their union (approximate, linear cost)")
-    coreset_chunk_points: int = Field(200_000, ge=1000, description="patches per chunk of the chunked coreset")
-    # -- how images become model inputs: image_size auto, or tiles (detectors/tiling.py) -------------
+    # -- how images become model inputs: image_size auto, or tiles (patchknn/plan.py, patchknn/tiling.py)
     pixel_budget: int = Field(224 * 224, ge=1, le=MAX_SIDE * MAX_SIDE,
                               description="image_size auto: model-input pixels h*w (each side a multiple of the largest stride)")
-    # (tiling, the other input rule, is a PatchKNNParams field: patchknn_params.py)
+    # (tiling, the other input rule, is a PatchKNNParams field: patchknn/params.py)
 
     @model_validator(mode="before")
     @classmethod
@@ -113,6 +105,9 @@ class CNNPatchParams(PatchKNNParams):
         elif self.layer_weights is not None:
             raise ValueError("layer_weights only applies to feature_aggregation: concat")
         return self
+
+    def squared_distances(self) -> bool:
+        return self.distance == "squared"
 
     def describe_features(self) -> str:
         """One line for the report's protocol."""
@@ -157,16 +152,6 @@ class PatchCore(PatchKNNDetector):
 
     def _make_embedder(self):
         return make_cnn_embedder(self.params_)
-
-    def _build_memory(self, features, grid_hw) -> None:
-        p = self.params_
-        if p.coreset_ratio < 1:
-            t0 = time.perf_counter()
-            keep = self._coreset(features, int(len(features) * p.coreset_ratio))
-            self.timing_["coreset_s"] = time.perf_counter() - t0
-            self.memory_ = np.ascontiguousarray(features[np.sort(keep)], dtype=np.float32)
-        else:
-            self.memory_ = np.ascontiguousarray(features[:], dtype=np.float32)
 
     def protocol(self) -> dict[str, str]:
         out = super().protocol()

@@ -35,6 +35,7 @@ from ..errors import DataError
 from .base import register_detector
 from .patchcore import CNNPatchParams, make_cnn_embedder
 from .patchknn import PatchKNNDetector
+from .patchknn.scorer import PlainScorer, WeightedScorer
 
 NoiseDiscriminator = Literal["lof", "nearest", "gaussian"]
 
@@ -230,7 +231,7 @@ class SoftPatch(PatchKNNDetector):
     def _make_embedder(self):
         return make_cnn_embedder(self.params_)
 
-    def _build_memory(self, features, grid_hw) -> None:
+    def _select_memory(self, features, grid_hw) -> np.ndarray:
         p = self.params_
         h, w = grid_hw
         P = h * w
@@ -260,20 +261,19 @@ class SoftPatch(PatchKNNDetector):
         # The coreset is drawn from the kept patches only (paper: the coreset is built on the denoised
         # set). The reference instead zeroes excluded patches' distances inside its greedy sampler,
         # whose first pick is unweighted and so can still be an excluded patch. Its size is
-        # coreset_ratio of *all* training patches, as in the reference (= PatchCore's memory size).
+        # coreset.ratio of *all* training patches, as in the reference (= PatchCore's memory size).
         # The search is the shared exact greedy k-center of our PatchCore, where the reference uses
         # its approximate variant (10 random starting points).
-        if p.coreset_ratio < 1:
-            picks = self._coreset(features, int(len(features) * p.coreset_ratio), rows=kept)
-            kept = kept[np.sort(picks)]
+        if p.coreset.ratio < 1:
+            kept = kept[self._coreset_picks(features, rows=kept, n_total=len(features))]
         t3 = time.perf_counter()
 
-        self.memory_ = np.ascontiguousarray(features[kept], dtype=np.float32)
         self.memory_weights_ = weights[kept]
         self.train_outlier_scores_ = scores.reshape(n_images, h, w).astype(np.float32)
         self.outlier_cutoff_ = cutoff
         self.n_excluded_patches_ = int(len(scores) - np.count_nonzero(scores <= cutoff))
         self.timing_.update(noise_projection_s=t1 - t0, noise_scoring_s=t2 - t1, coreset_s=t3 - t2)
+        return np.ascontiguousarray(features[kept], dtype=np.float32)
 
     def _memory_needs(self, n_patches: int, dim: int) -> dict[str, int]:
         # + the noise projection of every training patch, its scores, and a chunk of per-position sets
@@ -281,22 +281,12 @@ class SoftPatch(PatchKNNDetector):
         needs["noise_scoring"] = n_patches * (min(self.params_.noise_projection_dim, dim) * 4 + 24) + 8 * _CHUNK_ELEMENTS
         return needs
 
-    def _score_patches(self, dists: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        # ``dists`` is already on the ``distance`` scale. With the default (squared) the weight
-        # multiplies d^2, exactly as the reference (`image_scores * weight`, where image_scores are
-        # faiss IndexFlatL2 outputs); with ``distance: euclidean`` it multiplies d (pyimgano before
-        # this option). The two rank test patches differently (w*d^2 vs w*d), so image AUROC can
-        # differ too, unlike for PatchCore.
+    def _make_scorer(self) -> PlainScorer:
+        squared = self.params_.distance == "squared"
         if not self.params_.soft_weight:
-            return dists[:, 0]
-        d2 = dists if self.params_.distance == "squared" else np.square(dists)
-        w = matched_weight(torch.from_numpy(np.ascontiguousarray(d2, dtype=np.float32)), torch.from_numpy(idx),
-                           torch.from_numpy(self.memory_weights_)).numpy()
-        return (dists[:, 0] * w).astype(np.float32)
-
-    def _k(self) -> int:
+            return PlainScorer(squared)
         # the neighbours that may share the soft weight at a near-tie (matched_weight)
-        return min(TIE_NEIGHBOURS, len(self.memory_)) if self.params_.soft_weight else 1
+        return WeightedScorer(self.memory_weights_, matched_weight, min(TIE_NEIGHBOURS, len(self.memory_)), squared)
 
     # -- persistence ---------------------------------------------------------------------
     def state(self):

@@ -20,12 +20,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _close(name: str, options: list[str]) -> str:
+def close_names(name: str, options: list[str]) -> str:
     close = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
-def _is_path(weights: str) -> bool:
+def is_path(weights: str) -> bool:
     return any(s in weights for s in ("/", "\\")) or weights.endswith((".pth", ".pt", ".bin"))
 
 
@@ -40,14 +40,14 @@ def build_torchvision_model(name: str, weights: str | None) -> nn.Module:
 
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
-        raise ConfigError(f"Unknown torchvision backbone {name!r}.{_close(name, available)}")
+        raise ConfigError(f"Unknown torchvision backbone {name!r}.{close_names(name, available)}")
     if weights is None:
         # Seeded, so a random-weights model (tests, ablations) is reproducible and a saved one
         # reloads with identical scores; the global RNG is left untouched.
         with torch.random.fork_rng():
             torch.manual_seed(0)
             return torchvision.models.get_model(name, weights=None)
-    if _is_path(weights):
+    if is_path(weights):
         path = Path(weights)
         if not path.is_file():
             raise ModelError(f"Backbone weights file not found: {path}")
@@ -113,7 +113,7 @@ class FeatureExtractor(nn.Module):
         for layer in layers:
             if layer not in nodes and layer not in modules:
                 options = [n for n in modules if n and "." not in n.split(".", 2)[-1]] or list(modules)
-                raise ConfigError(f"Layer {layer!r} not found in {backbone}.{_close(layer, options)}")
+                raise ConfigError(f"Layer {layer!r} not found in {backbone}.{close_names(layer, options)}")
         self.layers = list(layers)
         body = create_feature_extractor(model, return_nodes={layer: layer for layer in layers}).eval()
         # Inference only: each BatchNorm that directly follows a convolution is folded into it

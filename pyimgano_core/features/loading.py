@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .geometry import Geometry
+from ..data.io import read_image
 
 
 @dataclass
@@ -20,8 +21,6 @@ class Batch:
 
 
 def _prepare(item, geometry: Geometry) -> tuple[np.ndarray, tuple, tuple[int, int]]:
-    from ..data.io import read_image
-
     image = read_image(item) if isinstance(item, (str, Path)) else np.asarray(item)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"images must be HxWx3 uint8 arrays or paths, got {image.dtype} {image.shape}")

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError, OptionalDependencyError
 from ..optional import require
-from .backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, _close, _is_path
+from .backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, close_names, is_path
 
 # torch.hub names of the DINOv2 release -> the same weights in timm
 DINOV2_TIMM = {
@@ -48,7 +48,7 @@ def parse_backbone(backbone: str) -> tuple[str, str]:
         return "timm", DINOV2_TIMM[backbone]
     family, sep, name = backbone.partition(":")
     if not sep or family not in FAMILIES or not name:
-        hint = (_close(backbone, list(DINOV2_TIMM)) or f" Did you mean 'torchvision:{backbone}' or 'timm:{backbone}'?") if not sep else ""
+        hint = (close_names(backbone, list(DINOV2_TIMM)) or f" Did you mean 'torchvision:{backbone}' or 'timm:{backbone}'?") if not sep else ""
         raise ValueError(
             f"backbone must be a DINOv2 name ({', '.join(list(DINOV2_TIMM)[:4])}, ...) or "
             f"'<family>:<name>' with family one of {', '.join(FAMILIES)}; got {backbone!r}.{hint}"
@@ -209,8 +209,8 @@ def _env(**values: str):
 def build_timm_vit(name: str, weights: str | None) -> TimmViTEmbedder:
     timm = require("timm", extra="dino")
     if not timm.is_model(name):
-        raise ConfigError(f"Unknown timm model {name!r}.{_close(name, timm.list_models('vit_*'))}")
-    if weights is not None and weights != "DEFAULT" and not _is_path(weights):
+        raise ConfigError(f"Unknown timm model {name!r}.{close_names(name, timm.list_models('vit_*'))}")
+    if weights is not None and weights != "DEFAULT" and not is_path(weights):
         raise ConfigError(f"weights for {name} must be DEFAULT, a local checkpoint path or null; got {weights!r}")
     overlay = {"file": str(_check_file(weights))} if weights not in (None, "DEFAULT") else None
 
@@ -245,13 +245,13 @@ def build_timm_vit(name: str, weights: str | None) -> TimmViTEmbedder:
 def build_openclip_vit(name: str, weights: str | None) -> OpenCLIPViTEmbedder:
     open_clip = require("open_clip", extra="clip")
     if name not in open_clip.list_models():
-        raise ConfigError(f"Unknown OpenCLIP model {name!r}.{_close(name, open_clip.list_models())}")
+        raise ConfigError(f"Unknown OpenCLIP model {name!r}.{close_names(name, open_clip.list_models())}")
     tags = open_clip.list_pretrained_tags_by_model(name)
     if weights == "DEFAULT":
         if not tags:
             raise ConfigError(f"OpenCLIP model {name} has no pretrained weights; give a checkpoint path or null")
         weights = "openai" if "openai" in tags else tags[0]
-    if weights is not None and weights not in tags and not _is_path(weights):
+    if weights is not None and weights not in tags and not is_path(weights):
         raise ConfigError(f"Unknown pretrained tag {weights!r} for OpenCLIP {name}. Available: {', '.join(tags)}")
     if weights is not None and weights not in tags:
         weights = str(_check_file(weights))

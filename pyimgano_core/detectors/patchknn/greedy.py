@@ -13,28 +13,17 @@ greedy): a point's stored distance can only fall as picks are added, so it is an
   one float32 matrix product [rows x picks] screens every pair with a rigorous rounding bound,
   and only the pairs that may lower a distance get the float64 distance that decides.
 
-So each pick still meets every point once, but inside a BLAS-3 product instead of a scan; no
-low-dimensional bounds are needed, which fail in 128-d at low ratios (Magnetic-tile at 2%:
-1,095 s with per-point triangle and principal-coordinate bounds, ~30 s this way).
-``exact_fraction`` in the stats is the share of (point, pick) pairs that needed the float64
-distance; ``batches`` the number of full passes.
-
 Distances are float64 ``sum((x - c)**2)`` over the float32 random projection: the same value
-for a row whichever subset it is computed in (the expanded ``|x|^2 - 2x.c + |c|^2`` through BLAS
-is not: its kernels round the remainder rows of a block differently), so the batched run and a
-plain loop see identical numbers. float32 forms are used only as filters.
+for a row whichever subset it is computed in, so the batched run and a plain loop see identical
+numbers; float32 forms are used only as filters.
 
-``method="chunked"`` is an approximation for very large training sets (two levels, as composable
+``method="chunked"`` approximates for very large training sets (two levels, as composable
 k-center coresets, Indyk et al. 2014): the points are dealt to chunks of at most ``chunk_points``
 in interleaved blocks of rows (chunk c holds blocks c, c + chunks, ...), so every chunk spans the
-whole training set; each chunk gets its exact greedy coreset with twice its share of the picks,
-and the exact greedy over the union of those picks chooses the final ``n``. Consecutive chunks
-(training images in file order) were measurably worse on Magnetic-tile, whose files come in
-acquisition runs (exp1..exp6, mean gray level rising from about 66 to 150): a chunk of one or
-two runs had a share that did not fit its spread (image AUROC 0.006 below the exact greedy, mean
-of seeds 0-3; interleaved, seeds 0-7: 0.0003 above; README "chunked"). Cost grows linearly with the number of chunks (plus
-the union's greedy) instead of quadratically with the training set, and only one chunk's
-projection is in memory at a time.
+whole training set even when files come in acquisition runs; each chunk gets its exact greedy
+coreset with twice its share of the picks, and the exact greedy over the union of those picks
+chooses the final ``n``. Cost grows linearly with the number of chunks. Measured speed and
+accuracy against the exact greedy: ``reports/coreset_speed.md``, ``reports/scale.md``.
 """
 from __future__ import annotations
 

@@ -18,17 +18,15 @@ input pixels), so tile seams are not blurred twice. The image score is the detec
 ``aggregation`` (max, mean, top-k mean) over the stitched map before the blur, the analogue of
 the untiled max over patch scores. The engine resizes a map at ``scale != 1`` back to the image.
 
-Every patch-kNN detector takes ``tiling`` (a :class:`~.patchknn_params.PatchKNNParams` field):
-this module only cuts, embeds through the detector and stitches, so each detector's own features
-(AnomalyDINO's L2-normalised tokens via its row transform), distances and patch scores apply.
+Every patch-kNN detector takes ``tiling`` (a :class:`~.params.PatchKNNParams` field). This
+module only plans, cuts and stitches; the detector embeds the tiles and scores their patches with
+its own features, distances and patch scorer (:meth:`~.detector.PatchKNNDetector`).
 """
 from __future__ import annotations
 
 import math
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
 
@@ -37,10 +35,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ConfigError, DataError
-from ..features.loading import Batch
-from ..features.store import FeatureStore
-from .base import MAX_SIDE, Prediction
+from ...errors import ConfigError, DataError
+from ...features.loading import Batch
+from ..base import MAX_SIDE
+from ...data.io import image_size, read_image
 
 MIN_TILE = 16
 
@@ -130,8 +128,6 @@ class TileBatch(Batch):
 
 
 def _read(item) -> np.ndarray:
-    from ..data.io import read_image
-
     image = read_image(item) if isinstance(item, (str, os.PathLike)) else np.asarray(item)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"images must be HxWx3 uint8 arrays or paths, got {image.dtype} {image.shape}")
@@ -196,8 +192,6 @@ def check_training_sizes(images: Sequence, tiling: Tiling) -> list[TileGrid]:
     Raises ConfigError for a tile larger than an image; for ``bank: per_tile``, a DataError
     when the images do not all give the same tile grid.
     """
-    from ..data.io import image_size
-
     grids = []
     for i, item in enumerate(images):
         hw = image_size(item) if isinstance(item, (str, os.PathLike)) else np.asarray(item).shape[:2]
@@ -208,45 +202,6 @@ def check_training_sizes(images: Sequence, tiling: Tiling) -> list[TileGrid]:
             raise DataError(f"tiling.bank: per_tile needs one tile grid for every training image, got grids "
                             f"{', '.join(f'{a}x{b}' for a, b in shapes)} (images of several sizes); use tiling.bank: shared")
     return grids
-
-
-def fit_per_tile(det, images: Sequence, grids: list[TileGrid], transform=None) -> None:
-    """One memory bank per tile position: ``memory_`` holds them one after another, ``tile_offsets_`` [P+1].
-
-    ``transform(feats, batch) -> rows`` (the detector's, e.g. L2 normalisation) must keep every row:
-    the rows of a tile position are picked from its tiles' patches.
-    """
-    p = det.params_
-    n_pos = grids[0].shape[0] * grids[0].shape[1]
-    total = sum(g.shape[0] * g.shape[1] for g in grids)
-    with ExitStack() as stack:
-        stores = [stack.enter_context(FeatureStore(p.spill_dir)) for _ in range(n_pos)]
-        grid_hw, seen = None, 0
-        for feats, batch in det._embed(images, det.timing_):
-            if grid_hw is None:
-                grid_hw = feats.shape[1:3]
-                # an upper bound: the coreset search of one position sees 1/n_pos of these patches
-                det._check_memory(int(np.prod(grid_hw)) * total, feats.shape[-1])
-            rows = feats.reshape(-1, feats.shape[-1]) if transform is None else transform(feats, batch)
-            if len(rows) != feats.shape[0] * feats.shape[1] * feats.shape[2]:
-                raise ValueError("tiling.bank: per_tile needs every patch row of every tile (a row filter is not supported)")
-            rows = rows.reshape(len(feats), -1, rows.shape[-1])  # (tiles, patches of a tile, D)
-            for k in np.unique(batch.pos):
-                stores[k].append(rows[batch.pos == k].reshape(-1, rows.shape[-1]))
-            seen += len(feats)
-            det._report("extracting tile features", seen, total)
-        banks, coreset_s = [], 0.0
-        for store in stores:
-            det.timing_.pop("coreset_s", None)
-            det._build_memory(store, grid_hw)  # sets det.memory_ for this position's patches
-            banks.append(det.memory_)
-            coreset_s += det.timing_.get("coreset_s", 0.0)
-        det.timing_["spill"] = {"stores": n_pos, "rows": int(sum(len(s) for s in stores)), "dim": int(stores[0].dim or 0)}
-        det.n_train_patches_ = int(sum(len(s) for s in stores))
-    det.timing_["coreset_s"] = coreset_s
-    det.memory_ = np.ascontiguousarray(np.concatenate(banks), dtype=np.float32)
-    det.tile_offsets_ = np.concatenate([[0], np.cumsum([len(b) for b in banks])]).astype(np.int64)
-    det.tile_grid_ = tuple(grids[0].shape)
 
 
 class Stitcher:
@@ -274,47 +229,6 @@ class Stitcher:
         return self.sum / self.count  # every pixel has count >= 1 (tile_starts covers the image)
 
 
-def predict_tiled(det, images: list) -> Prediction:
-    """Score every tile against its bank, stitch the tiles of each image, score the stitched map."""
-    from .patchknn import aggregate, to_grid, upsample
-
-    p = det.params_
-    per_tile = p.tiling.bank == "per_tile"
-    timing = dict(load_s=0.0, embed_s=0.0, search_s=0.0, maps_s=0.0)
-    open_: dict[int, Stitcher] = {}
-    scores, maps, hws = np.zeros(len(images), np.float32), [None] * len(images), np.zeros((len(images), 2), np.int64)
-    errors: dict[int, str] = {}
-    for feats, batch in det._embed(images, timing, errors):
-        B, h, w, D = feats.shape
-        t0 = time.perf_counter()
-        patch = np.empty((B, h, w), np.float32)
-        groups = np.unique(batch.pos) if per_tile else [None]
-        for k in groups:
-            sel = np.ones(B, bool) if k is None else batch.pos == k
-            dists, idx = tile_knn(det, k).search(feats[sel].reshape(-1, D), k=det._k())
-            patch[sel] = to_grid(det._score_patches(det._scale_distances(dists), idx), int(sel.sum()), (h, w))
-        t1 = time.perf_counter()
-        for o, grid in batch.grids.items():
-            open_[o] = Stitcher(grid)
-        for j in range(B):
-            o = int(batch.owner[j])
-            st = open_[o]
-            st.add(int(batch.pos[j]), patch[j])
-            if st.complete:
-                stitched = open_.pop(o).result()
-                maps[o] = upsample(stitched[None], stitched.shape, p.blur_sigma)[0]
-                scores[o] = aggregate(stitched[None], p.aggregation, p.topk_ratio, p.topk, maps[o][None])[0]
-                hws[o] = st.grid.orig_hw
-        timing["search_s"] += t1 - t0
-        timing["maps_s"] += time.perf_counter() - t1
-    for o in errors:  # no tiles: a NaN score and a 1x1 placeholder map (Prediction.errors says why)
-        scores[o], maps[o] = np.nan, np.full((1, 1), np.nan, np.float32)
-    boxes = np.array([[0.0, 0.0, float(h), float(w)] for h, w in hws])
-    same = len({m.shape for m in maps}) == 1
-    return Prediction(scores=scores, maps=np.stack(maps) if same else maps, boxes=boxes, orig_hw=hws, timing=timing,
-                      errors=errors)
-
-
 def describe(tiling: Tiling) -> dict:
     """The tiling rule, for the report's protocol."""
     return {"rule": "tiles", **tiling.model_dump(mode="json"),
@@ -323,15 +237,3 @@ def describe(tiling: Tiling) -> dict:
             "image_score": "aggregation over the stitched map before the blur (blurred_max: after it)",
             "map_resolution": "the image rescaled by tiling.scale (resized back to the image by the engine)"}
 
-
-
-def tile_knn(det, pos: int | None):
-    """The kNN index of tile position ``pos``'s bank (``bank: per_tile``), or the detector's one index (None)."""
-    if pos is None:
-        return det._knn()
-    if getattr(det, "_tile_index", None) is None:
-        det._tile_index = {}
-    if pos not in det._tile_index:
-        a, b = det.tile_offsets_[pos], det.tile_offsets_[pos + 1]
-        det._tile_index[pos] = det._new_index().fit(det.memory_[a:b])
-    return det._tile_index[pos]
