@@ -22,6 +22,7 @@ import re
 import sys
 import types
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -110,16 +111,23 @@ def type_name(ann: Any) -> str:
 
 
 def _literal_values(ann: Any) -> list[Any] | None:
-    """The values of a field whose type is literals only (``null`` allowed too), else None."""
+    """The values of a field whose type is literals or enums only (``null`` allowed too), else None."""
     members = [m for m in _members(ann) if m is not NONE]
-    if not members or any(get_origin(m) is not Literal for m in members):
-        return None
-    return [v for m in members for v in get_args(m)]
+    values = []
+    for m in members:
+        if get_origin(m) is Literal:
+            values += get_args(m)
+        elif isinstance(m, type) and issubclass(m, Enum):
+            values += [e.value for e in m]
+        else:
+            return None
+    return values or None
 
 
 def _discriminator(info: FieldInfo) -> str | None:
+    """The tag field of a discriminated union (None for a callable discriminator or none)."""
     disc = info.discriminator
-    for meta in [info, *info.metadata, *get_args(info.annotation)[1:]]:
+    for meta in info.metadata:
         disc = disc or getattr(meta, "discriminator", None)
     disc = getattr(disc, "discriminator", disc)  # pydantic.Discriminator(...) wraps a str or a callable
     return disc if isinstance(disc, str) else None
@@ -213,9 +221,9 @@ class _Walker:
             path = prefix + name
             suffix, nested = _models(info.annotation)
             disc = _discriminator(info)
-            literal_only = _literal_values(info.annotation) is not None
-            kind = "str" if literal_only else type_name(info.annotation)
-            if literal_only and NONE in _members(info.annotation):
+            values = _literal_values(info.annotation)  # a choice: the type of its values, the values under "allowed"
+            kind = " | ".join(dict.fromkeys(type(v).__name__ for v in values)) if values else type_name(info.annotation)
+            if values and NONE in _members(info.annotation):
                 kind += " | null"
             kind = f"`{kind}`"
             allowed = _allowed(info, info.annotation)

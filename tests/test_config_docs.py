@@ -112,3 +112,26 @@ def test_check_mode_reports_a_stale_file_with_the_command(tmp_path, capsys):
 def test_importing_the_generator_does_not_import_torch():
     code = "import sys, pyimgano_core.config_docs; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_enums_are_choices_and_plain_unions_of_models_get_one_table_each():
+    import enum
+
+    class Mode(enum.Enum):
+        A = 1
+        B = 2
+
+    class _M1(_Strict):
+        x: int = 0
+
+    class _M2(_Strict):
+        y: str = "y"
+
+    class _P(_Strict):
+        mode: Mode = Mode.A
+        either: _M1 | _M2 = Field(default_factory=_M1)
+
+    text = _lines(_P, "")
+    assert "| `mode` | `int` | `1` | `1`, `2` |  |" in text
+    assert "| `either` | one of the sections below | (section defaults) | [`_M1`](#either-m1), [`_M2`](#either-m2) |  |" in text
+    assert "### `either` with `_M2`" in text and "| `either.y` | `str` | `\"y\"` |  |  |" in text
