@@ -129,24 +129,48 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 @contextlib.contextmanager
 def folder_lock(folder: Path, command: str) -> Iterator[None]:
-    """Hold ``<folder>/.pyimgano.lock`` for the duration; refuse at once if another run holds it."""
+    """Hold ``<folder>/.pyimgano.lock`` for the duration; refuse at once if another run holds it.
+
+    The lock file is removed on release (while still locked), so no file naming a dead pid stays
+    behind; a run that opened the old file just before the removal sees that its file is no
+    longer the one at the path and takes the lock on the new one.
+    """
     make_dirs(folder)
     path = folder / ".pyimgano.lock"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise OutputError(f"Cannot lock {folder}: {_describe(exc)}") from None
-    try:
+    while True:
+        fd = _open_lock(path, folder)
         try:
             _lock(fd)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
             raise OutputError(f"{folder} is being written by another run ({holder}); wait for it or use another --out") from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the holder removed it between our open and our lock: take the new one
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, {command}".encode(), 0)
         yield
     finally:
-        os.close(fd)  # closing releases the lock; the empty lock file may stay
+        with contextlib.suppress(OSError):
+            path.unlink()  # still locked: nobody can hold a lock on this file now
+        os.close(fd)  # closing releases the lock
+
+
+def _open_lock(path: Path, folder: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise OutputError(f"Cannot lock {folder}: {_describe(exc)}") from None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _lock(fd: int) -> None:

@@ -24,7 +24,7 @@ from .execution import Job, JobResult, LocalExecutor, failures, raise_failures
 from .optional import require
 from .reporting.html import write_page
 from .reporting.summary import write_summary_pages
-from .outputs import check_writable
+from .outputs import check_writable, folder_lock
 from .reports import write_json
 from .shards import export_on, shard_folder
 
@@ -198,7 +198,9 @@ def fit_run(cfg: ExperimentConfig, out_root: Path | None = None, progress: Progr
     jobs = category_jobs(cfg, fit_category, out)
     for job in jobs:
         check_target(out / job.name / "model")
-    return _loop(cfg, out, "fit", jobs, executor, progress)
+    check_writable(out, "run folder")
+    with folder_lock(out, "fit"):  # one fit per run folder at a time, as export-maps per output folder
+        return _loop(cfg, out, "fit", jobs, executor, progress)
 
 
 def eval_run(cfg: ExperimentConfig, out_root: Path | None = None, model_arg: Path | None = None,
