@@ -284,12 +284,23 @@ def export_maps(config: Optional[Path] = typer.Argument(None, metavar="CONFIG", 
         for cat, r in summary["categories"].items():
             out.print(escape(f"[{cat}]") + f" {r['n_scored']}/{r['n_images']} images scored ({_fmt(r['images_per_s'])} img/s)"
                       + (f", {r['n_anomalous']} anomalous" if r.get("n_anomalous") is not None else ""))
-            out.print(f"outputs written to {escape(r['out_dir'])}", highlight=False, soft_wrap=True)
+            if r["n_scored"]:
+                out.print(f"outputs written to {escape(r['out_dir'])}", highlight=False, soft_wrap=True)
             for f in r["failures"]:
                 err.print(f"[yellow]skipped[/] {escape(f['path'])}: {escape(f['error'])}", highlight=False, soft_wrap=True)
     if failed:
-        err.print(f"[bold red]error:[/] {failed} image(s) could not be read; all others were exported")
+        err.print(f"[bold red]error:[/] {escape(_failed_line(summary))}", highlight=False, soft_wrap=True)
         raise typer.Exit(3)
+
+
+def _failed_line(summary: dict) -> str:
+    n = sum(r.get("n_images", 0) for r in summary["categories"].values())
+    failed = sum(r.get("n_failed", 0) for r in summary["categories"].values())
+    scored = sum(r.get("n_scored", 0) for r in summary["categories"].values())
+    if scored:
+        return f"{failed} of {n} image(s) could not be read; the other {scored} were exported"
+    where = ", ".join(r["out_dir"] for r in summary["categories"].values())
+    return f"none of the {n} image(s) could be read; nothing was exported and {where} is unchanged"
 
 
 @app.command("export-onnx")

@@ -218,6 +218,8 @@ def eval_run(cfg: ExperimentConfig, out_root: Path | None = None, model_arg: Pat
 
 
 def list_images(folder: Path) -> list[Path]:
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"--input must be a folder of images; {folder} is a file (put it in a folder of its own)")
     if not folder.is_dir():
         raise DataError(f"Input folder not found: {folder}")
     images = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
@@ -241,6 +243,8 @@ def export_run(cfg: ExperimentConfig, out_root: Path | None = None, model_arg: P
     if runtime == "onnx" and model_arg is None:
         raise ConfigError(f"--runtime {runtime} needs --model (a model folder exported with 'pyimgano export-onnx')")
     images = list_images(Path(input_dir)) if input_dir is not None else None
+    if images is not None:
+        check_not_inside(out, Path(input_dir))
     if images is not None and model_arg is not None:
         return export_folder_run(model_arg, input_dir, out_root or cfg.output.root, progress, runtime, cfg.name, executor, shard)
     splits = load_splits(cfg.dataset)
@@ -280,12 +284,22 @@ def export_folder_run(model_arg: Path, input_dir: Path, out_root: Path | None = 
     name = name or model.meta.get("name") or "export"
     category = model.meta.get("category") or "input"
     out = Path(out_root or "reports") / name
+    check_not_inside(out / category / "export", Path(input_dir))
     check_writable(out / category / "export")
     summary = export_on(executor or LocalExecutor(), model, images, out / category / "export", progress, Path(input_dir),
                         shard, folder, runtime)
     result = {"name": name, "command": "export-maps", "status": "ok", "model": str(folder), "categories": {category: summary}}
-    write_json(out / _summary_name(shard), result)
+    if summary.get("n_scored"):  # a run that scores nothing changes nothing
+        write_json(out / _summary_name(shard), result)
     return result
+
+
+def check_not_inside(out: Path, input_dir: Path) -> None:
+    """Refuse an output folder inside the input folder: the next run would score our own overlays."""
+    o, i = Path(out).resolve(), Path(input_dir).resolve()
+    if o == i or i in o.parents:
+        raise ConfigError(f"--out {out} is inside --input {input_dir}: the next run would score its own overlays and masks; "
+                          "write the outputs outside the input folder")
 
 
 def _single_model(model_arg: Path) -> Path:
