@@ -91,3 +91,163 @@ def test_lock_is_released_and_taken_again(tmp_path):
         with folder_lock(tmp_path, "x"):
             assert (tmp_path / ".pyimgano.lock").read_text() == f"pid {os.getpid()}, x"
         assert not (tmp_path / ".pyimgano.lock").exists()
+
+
+# ------------------------------------------------------------------ 1: earlier exports are never lost
+def _rows(folder: Path) -> list[dict]:
+    return [json.loads(x) for x in (folder / "predictions.jsonl").read_text().splitlines()]
+
+
+def _files_agree(folder: Path) -> None:
+    """predictions.jsonl lists exactly the overlays present, and summary.json counts it."""
+    rows = _rows(folder)
+    overlays = sorted(str(p) for p in folder.rglob("*_overlay.png"))
+    assert sorted(r["files"]["overlay"] for r in rows) == overlays
+    assert json.loads((folder / "summary.json").read_text())["n_predictions"] == len(rows)
+
+
+def test_failed_export_into_the_same_folder_changes_nothing(fitted, tree, tmp_path):
+    _, model = fitted
+    out = tmp_path / "X"
+    res = run("export-maps", "--model", model, "--input", tree / "widget/test/good", "--out", out, "--json")
+    assert res.exit_code == 0, res.output
+    folder = Path(json.loads(res.output)["categories"]["widget"]["out_dir"])
+    before = {p: p.read_bytes() for p in folder.parent.parent.rglob("*") if p.is_file()}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "part.png").write_text("not an image")
+    res = run("export-maps", "--model", model, "--input", bad, "--out", out)
+    assert res.exit_code == 3
+    assert "none of the 1 image(s) could be read; nothing was exported" in res.output and "all others" not in res.output
+    after = {p: p.read_bytes() for p in folder.parent.parent.rglob("*") if p.is_file()}
+    assert after == before  # predictions.jsonl, summary.json, export_summary.json, every overlay: byte for byte
+    _files_agree(folder)
+
+
+def test_second_export_adds_per_input_and_replaces_the_same_input(fitted, tree, tmp_path):
+    _, model = fitted
+    out = tmp_path / "X"
+    good, scratch = tree / "widget/test/good", tmp_path / "scratch"
+    scratch.mkdir()
+    for f in sorted((tree / "widget/test/scratch").glob("*.png")):  # other names: the same name replaces (below)
+        (scratch / f"s_{f.name}").write_bytes(f.read_bytes())
+    assert run("export-maps", "--model", model, "--input", good, "--out", out, "-q").exit_code == 0
+    folder = out / "t/widget/export"
+    first = {r["path"]: r["score"] for r in _rows(folder)}
+    assert run("export-maps", "--model", model, "--input", scratch, "--out", out, "-q").exit_code == 0
+    second = {r["path"]: r["score"] for r in _rows(folder)}
+    assert {k: second[k] for k in first} == first and len(second) == len(first) + len(list(scratch.glob("*.png")))
+    _files_agree(folder)
+    assert run("export-maps", "--model", model, "--input", good, "--out", out, "-q").exit_code == 0  # the same inputs again
+    third = _rows(folder)
+    assert len(third) == len(second) and {r["path"]: r["score"] for r in third} == second  # replaced, not duplicated
+    _files_agree(folder)
+
+
+def test_export_of_another_model_into_the_folder_is_refused(fitted, tree, tmp_path):
+    cfg, model = fitted
+    out = tmp_path / "X"
+    assert run("export-maps", "--model", model, "--input", tree / "widget/test/good", "--out", out, "-q").exit_code == 0
+    before = (out / "t/widget/export/predictions.jsonl").read_bytes()
+    other = write_config(tmp_path / "c.yaml", tree, calibration={"holdout_fraction": 0.5})
+    assert run("fit", other, "--out", tmp_path / "m2", "-q").exit_code == 0
+    res = run("export-maps", "--model", tmp_path / "m2/t/widget/model", "--input", tree / "widget/test/good", "--out", out)
+    _one_line(res, 2, "another model")
+    assert (out / "t/widget/export/predictions.jsonl").read_bytes() == before
+
+
+# ------------------------------------------------------------------ 2: --out inside --input
+def test_out_inside_input_is_refused_in_one_line(fitted, tree, tmp_path):
+    _, model = fitted
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    for p in sorted((tree / "widget/test/good").glob("*.png")):
+        (inbox / p.name).write_bytes(p.read_bytes())
+    before = sorted(inbox.rglob("*"))
+    res = run("export-maps", "--model", model, "--input", inbox, "--out", inbox / "results")
+    _one_line(res, 2, "inside --input")
+    assert sorted(inbox.rglob("*")) == before
+
+
+# ------------------------------------------------------------------ 9: messages and codes
+def test_a_file_as_input_says_it_must_be_a_folder(fitted, tree):
+    _, model = fitted
+    image = sorted((tree / "widget/test/good").glob("*.png"))[0]
+    text = _one_line(run("export-maps", "--model", model, "--input", image), 3, "must be a folder")
+    assert "not found" not in text
+
+
+def test_some_failed_images_are_counted_honestly(fitted, tree, tmp_path):
+    _, model = fitted
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    (inbox / "a.png").write_bytes(sorted((tree / "widget/test/good").glob("*.png"))[0].read_bytes())
+    (inbox / "b.png").write_text("not an image")
+    res = run("export-maps", "--model", model, "--input", inbox, "--out", tmp_path / "o", "-q")
+    assert res.exit_code == 3 and "1 of 2 image(s) could not be read; the other 1 were exported" in res.output
+
+
+# ------------------------------------------------------------------ 3: channel order of arrays
+def test_predict_array_needs_its_channel_order(fitted, tree):
+    from pyimgano_core.errors import ConfigError
+    from pyimgano_core.infer import load_model
+
+    _, model = fitted
+    inspector = load_model(model)
+    path = sorted((tree / "widget/test/scratch").glob("*.png"))[0]
+    bgr = cv2.imread(str(path))
+    with pytest.raises(ConfigError, match="channels='rgb' or channels='bgr'"):
+        inspector.predict(bgr)
+    want = inspector.predict(path)
+    got_bgr = inspector.predict(bgr, channels="bgr")
+    got_rgb = inspector.predict(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), channels="rgb")
+    assert got_bgr.score == want.score == got_rgb.score
+    np.testing.assert_array_equal(got_bgr.anomaly_map, want.anomaly_map)
+    assert inspector.predict(str(path), channels="bgr").score == want.score  # paths: channels play no part
+
+
+# ------------------------------------------------------------------ 4: model.json schema and sha256
+def _copy_model(model: Path, dest: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(model, dest))
+
+
+@pytest.mark.parametrize("value", ['"high"', "-1e9", "NaN", "Infinity", "null"])
+def test_hand_edited_threshold_is_one_line_exit_4_before_any_work(fitted, tree, tmp_path, value):
+    _, model = fitted
+    folder = _copy_model(model, tmp_path / "model")
+    doc = json.loads((folder / "model.json").read_text())
+    doc.pop("model_json_sha256", None)  # even a folder without the hash (written by 85eb923) is validated
+    text = json.dumps(doc, indent=2).replace(f'"image": {json.dumps(doc["thresholds"]["image"])}', f'"image": {value}', 1)
+    assert text != json.dumps(doc, indent=2)
+    (folder / "model.json").write_text(text)
+    res = run("export-maps", "--model", folder, "--input", tree / "widget/test/good", "--out", tmp_path / "o")
+    _one_line(res, 4, "model.json", "thresholds.image" if value != "NaN" and value != "Infinity" else "not a number JSON allows")
+    assert not (tmp_path / "o").exists() and list(folder.glob(".pyimgano.lock")) == []
+
+
+def test_model_json_records_its_sha256_and_an_edit_is_refused(fitted, tree, tmp_path):
+    from pyimgano_core.model import Model
+    from pyimgano_core.model_doc import doc_sha256
+
+    _, model = fitted
+    folder = _copy_model(model, tmp_path / "model")
+    doc = json.loads((folder / "model.json").read_text())
+    assert doc["model_json_sha256"] == doc_sha256(doc)
+    doc["thresholds"]["image"] = 1.0  # a valid value, but not the one fitted
+    (folder / "model.json").write_text(json.dumps(doc, indent=2))
+    res = run("export-maps", "--model", folder, "--input", tree / "widget/test/good", "--out", tmp_path / "o")
+    _one_line(res, 4, "does not match", "edited")
+    del doc["model_json_sha256"]  # as written by 85eb923: no hash, validated and accepted
+    (folder / "model.json").write_text(json.dumps(doc, indent=2))
+    assert Model.load(folder).thresholds.image == 1.0
+
+
+def test_folder_written_by_85eb923_still_loads(tmp_path):
+    """model.json as the old code wrote it (no model_json_sha256), checked against the schema."""
+    from pyimgano_core.model_doc import check_doc
+
+    doc = json.loads((ROOT / "tests/data/model_json_85eb923.json").read_text())
+    assert "model_json_sha256" not in doc
+    assert check_doc(doc, tmp_path / "model.json") is doc

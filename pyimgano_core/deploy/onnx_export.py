@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, ModelError
+from ..model_doc import seal
 from ..optional import require
 from ..outputs import write_bytes_atomic
 from .onnx_runtime import INPUT_NAME, OUTPUT_NAMES, build_onnx_model, read_doc, session_from_bytes, sha256_bytes
@@ -241,5 +242,5 @@ def export_onnx(folder: str | Path, out: str | Path | None = None, opset: int = 
                          f"(abs {parity['max_map_abs_diff']:.3g}); nothing written")
     _write_atomic(out, data)
     doc["onnx"] = info
-    _write_atomic(folder / "model.json", json.dumps(doc, indent=2).encode())
+    _write_atomic(folder / "model.json", json.dumps(seal(doc), indent=2).encode())  # its sha256 covers the onnx section
     return info
