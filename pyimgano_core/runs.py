@@ -74,12 +74,23 @@ def _load_model(cfg: ExperimentConfig, model_arg: Path, category: str, runtime: 
     # A saved model is used as fitted: refuse, rather than silently ignore, a config that differs.
     saved = _saved_params(model)
     diff = sorted(k for k in set(saved) | set(cfg.detector.params) if saved.get(k) != cfg.detector.params.get(k))
+    if "weights" in diff and _same_weights(model, cfg.detector.params.get("weights")):
+        diff.remove("weights")  # another spelling (absolute, ../shared/...) of the same tensors
     if diff:
         raise ModelError(f"{folder}: saved with other detector.params ({', '.join(f'{k}={saved.get(k)!r}' for k in diff[:4])}) "
                          "than the config; refit with 'pyimgano fit' or use the same settings")
     if model.postprocess.config != cfg.postprocess:
         raise ModelError(f"{folder}: saved with another 'postprocess' section than the config; refit or use the same settings")
     return model
+
+
+def _same_weights(model, weights) -> bool:
+    """The config's weights give the saved backbone's tensors (sha256 of the tensors, not the path)."""
+    if getattr(model.detector, "embedder", None) is None:
+        return False  # the ONNX runtime's detector: no tensors to compare
+    from .artifacts import same_backbone
+
+    return same_backbone(model.detector, weights)
 
 
 def _summary(cfg: ExperimentConfig, command: str, done: dict, status: str, error: str | None, t0: float) -> dict:

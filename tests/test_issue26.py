@@ -251,3 +251,25 @@ def test_folder_written_by_85eb923_still_loads(tmp_path):
     doc = json.loads((ROOT / "tests/data/model_json_85eb923.json").read_text())
     assert "model_json_sha256" not in doc
     assert check_doc(doc, tmp_path / "model.json") is doc
+
+
+# ------------------------------------------------------------------ 7: eval --model compares tensors, not path strings
+def test_eval_model_accepts_another_spelling_of_the_same_weights(tree, tmp_path, monkeypatch):
+    import torch
+    import torchvision
+
+    from tests.helpers import TINY_CNN
+
+    (tmp_path / "w").mkdir()
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "w/r18.pth")
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "w/other.pth")
+    monkeypatch.chdir(tmp_path)
+    fit_cfg = write_config(tmp_path / "a.yaml", tree, params=dict(TINY_CNN, weights=str(tmp_path / "w/r18.pth")))
+    assert run("fit", fit_cfg, "--out", tmp_path / "m", "-q").exit_code == 0
+    same = write_config(tmp_path / "b.yaml", tree, params=dict(TINY_CNN, weights="w/../w/r18.pth"))
+    res = run("eval", same, "--model", tmp_path / "m/t", "--out", tmp_path / "e", "--json")
+    assert res.exit_code == 0, res.output
+    other = write_config(tmp_path / "c.yaml", tree, params=dict(TINY_CNN, weights="w/other.pth"))
+    _one_line(run("eval", other, "--model", tmp_path / "m/t", "--out", tmp_path / "e2"), 4, "weights=")
