@@ -197,8 +197,19 @@ def validate_config(data: Any, source: str = "config") -> ExperimentConfig:
             if err["type"] == "extra_forbidden":
                 msg = msg.replace("unknown key", f"unknown key; allowed: {', '.join(sorted(set(cls.Params.model_fields) - {'seed', 'category'}))}", 1)
         raise ConfigError(f"{source}: {msg}") from None
+    problem = _geometry_problem(params)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
     cfg.detector.params = {k: v for k, v in params.model_dump(mode="json").items() if k not in ("seed", "category")}
     return cfg
+
+
+def _geometry_problem(params) -> str | None:
+    """CNN patch-kNN taps and input size (detectors/geometry_check.py): a grid under 3x3, unknown taps."""
+    from .detectors.geometry_check import check_cnn_geometry
+    from .detectors.patchcore import CNNPatchParams
+
+    return check_cnn_geometry(params) if isinstance(params, CNNPatchParams) else None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
