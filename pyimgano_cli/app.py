@@ -24,9 +24,14 @@ err = Console(stderr=True)
 out = Console()
 
 SetOpt = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config field: key.path=value (repeatable).")
-OutOpt = typer.Option(None, "--out", metavar="DIR", help="Output root (default: output.root of the config, 'reports').")
+def _out_text(value: str):
+    """``--out``: kept as text when empty (Path("") is the current folder; refused in :func:`_check_out`)."""
+    return Path(value) if value.strip() else ""
+
+
+OutOpt = typer.Option(None, "--out", metavar="DIR", parser=_out_text, help="Output root (default: output.root of the config, 'reports').")
 JsonOpt = typer.Option(False, "--json", help="Print the summary JSON alone on stdout.")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or tables.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or tables (warnings and errors still print).")
 RayOpt = typer.Option(None, "--ray", metavar="ADDRESS",
                       help="Run on Ray: 'local' (start one in this process), 'auto' (a running cluster), ray://host:port.")
 ResumeOpt = typer.Option(False, "--resume", help="Skip categories whose report.json exists with the same config hash.")
@@ -72,17 +77,27 @@ def _guard(fn: Callable[[], object]) -> object:
         err.print("interrupted; partial outputs removed")
         raise typer.Exit(130) from None
     except OSError as exc:  # an output write the pre-checks could not foresee (disk full, lost mount)
+        import errno
+
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         err.print(f"[bold red]error:[/] {escape((exc.strerror or type(exc).__name__) + where)}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(7 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 1) from None
     except MemoryError:
         err.print("[bold red]error:[/] out of memory (try metrics.resolution, a smaller image_size or coreset_ratio)")
         raise typer.Exit(1) from None
 
 
+def _check_out(out_root) -> None:
+    if isinstance(out_root, str) and not out_root.strip():
+        from pyimgano_core.errors import ConfigError
+
+        raise ConfigError("--out is empty; give an output folder (e.g. --out reports)")
+
+
 def _load(config: Path, overrides: list[str], out_root: Optional[Path] = None):
     from pyimgano_core.config import load_config
 
+    _check_out(out_root)
     cfg = load_config(config, overrides)
     if out_root is not None:
         cfg.output.root = out_root
@@ -120,8 +135,7 @@ def _fmt(v) -> str:
 
 
 def _print_metrics(summary: dict, as_json: bool, quiet: bool) -> None:
-    if not quiet:
-        _print_warnings(summary)
+    _print_warnings(summary)  # also with -q
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
         return
@@ -174,8 +188,7 @@ def fit(config: Path, set_: list[str] = SetOpt, out_root: Optional[Path] = OutOp
         return _with_executor(cfg.execution, ray, lambda ex: fit_run(cfg, progress=_progress(quiet, as_json), executor=ex))
 
     summary = _guard(body)
-    if not quiet:
-        _print_warnings(summary)
+    _print_warnings(summary)  # also with -q: -q hides progress and tables, never a warning
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
     elif not quiet:
@@ -270,6 +283,7 @@ def export_maps(config: Optional[Path] = typer.Argument(None, metavar="CONFIG", 
 
         if model is None or input_dir is None or set_:
             raise ConfigError("export-maps without a config needs --model and --input (and takes no --set)")
+        _check_out(out_root)
         if runtime not in ("torch", "onnx"):
             raise ConfigError(f"--runtime must be torch or onnx, got {runtime!r}")
         # no config: nothing imports torch on the onnx runtime (inspection servers)
@@ -304,12 +318,16 @@ def _failed_line(summary: dict) -> str:
 
 
 @app.command("export-onnx")
-def export_onnx(model_dir: Path, out_file: Optional[Path] = typer.Option(None, "--out", help="ONNX file (default: MODEL_DIR/model.onnx)."),
+def export_onnx(model_dir: Path, out_file: Optional[Path] = typer.Option(None, "--out", parser=_out_text, help="ONNX file (default: MODEL_DIR/model.onnx)."),
                 opset: int = typer.Option(17, "--opset", help="ONNX opset (13-20)."), as_json: bool = JsonOpt) -> None:
     """Export a fitted patch-kNN model to one ONNX graph, kept only if onnxruntime matches torch."""
     from pyimgano_core.deploy.onnx_export import export_onnx as run
 
-    info = _guard(lambda: run(model_dir, out_file, opset))
+    def body():
+        _check_out(out_file)
+        return run(model_dir, out_file, opset)
+
+    info = _guard(body)
     if as_json:
         sys.stdout.write(json.dumps(info, default=str) + "\n")
         return

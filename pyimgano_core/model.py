@@ -24,7 +24,7 @@ from .calibration import Thresholds
 from .artifacts import load_backbone, save_backbone
 from .detectors import Detector, get_detector_class
 from .errors import ModelError, OutputError, PyimganoError
-from .outputs import check_writable, clean_stale, temp_path
+from .outputs import check_writable, clean_stale, temp_path, write_error
 from .postprocess import AnomalyMapPostprocess, PostprocessConfig
 from .model_doc import check_sha, read_model_json, seal
 from .reports import dumps
@@ -73,7 +73,7 @@ class Model:
             os.replace(tmp, folder)
             shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
-            raise OutputError(f"Cannot save the model to {folder}: {exc.strerror or type(exc).__name__}") from None
+            raise write_error(exc, f"Cannot save the model to {folder}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return folder

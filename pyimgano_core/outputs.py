@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -21,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputError
+from .errors import OutputError, ResourceError
 
 
 def _read_umask() -> int:
@@ -83,6 +84,14 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+def write_error(exc: OSError, message: str) -> OutputError | ResourceError:
+    """The one-line error for a failed write: a full disk or quota is a resource (exit 7, as the
+    README promises), anything else an output location problem (exit 2)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceError(f"{message}: no space left on the device (free some space or write elsewhere)")
+    return OutputError(f"{message}: {_describe(exc)}")
+
+
 def check_writable(folder: Path, what: str = "output folder") -> Path:
     """Create ``folder`` (and parents) and prove a file can be written there; else one line."""
     folder = Path(folder)
@@ -97,7 +106,7 @@ def check_writable(folder: Path, what: str = "output folder") -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"Cannot write the {what} {folder}: {_describe(exc)}") from None
+        raise write_error(exc, f"Cannot write the {what} {folder}") from None
     return folder
 
 
@@ -107,7 +116,7 @@ def make_dirs(folder: Path) -> None:
     except FileExistsError:
         raise OutputError(f"Cannot create folder {folder}: a file of that name is in the way") from None
     except OSError as exc:
-        raise OutputError(f"Cannot create folder {folder}: {_describe(exc)}") from None
+        raise write_error(exc, f"Cannot create folder {folder}") from None
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -121,7 +130,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"Cannot write {path}: {_describe(exc)}") from None
+        raise write_error(exc, f"Cannot write {path}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -273,3 +273,84 @@ def test_eval_model_accepts_another_spelling_of_the_same_weights(tree, tmp_path,
     assert res.exit_code == 0, res.output
     other = write_config(tmp_path / "c.yaml", tree, params=dict(TINY_CNN, weights="w/other.pth"))
     _one_line(run("eval", other, "--model", tmp_path / "m/t", "--out", tmp_path / "e2"), 4, "weights=")
+
+
+# ------------------------------------------------------------------ 8: geometry and taps at validation
+@pytest.mark.parametrize("setting,needles", [
+    ("image_size=7", ["detector.params.image_size=7", "1x1 patch grid", "image_size >= 12"]),
+    ("image_size=[64,20]", ["ok"]),
+    ("image_size=[20,64]", ["ok"]),
+    ("image_size=[64,8]", ["detector.params.image_size=[64, 8]", "16x2 patch grid"]),
+    ("crop=8", ["detector.params.crop=8", "2x2 patch grid"]),
+    ("layers=[nope]", ["detector.params.layers", "'nope' not found"]),
+    ("layers=[layer2,layer1]", ["detector.params.layers", "shallowest first"]),
+    ("layers=[fc]", ["detector.params.layers", "'fc' gives no feature map"]),
+    ("layers=[layer1,layer1]", ["detector.params.layers", "twice"]),
+])
+def test_unusable_geometry_or_taps_fail_validation_naming_the_field(tree, tmp_path, setting, needles):
+    from tests.helpers import TINY_CNN
+
+    cfg = write_config(tmp_path / "c.yaml", tree, params=dict(TINY_CNN, crop=None))  # layer1: stride 4
+    res = run("validate", cfg, "--set", f"detector.params.{setting}")
+    if "ok" in needles:  # a 5-patch side is fine
+        assert res.exit_code == 0, res.output
+        return
+    _one_line(res, 2, *needles)
+
+
+def test_smallest_usable_grid_validates(tree, tmp_path):
+    from tests.helpers import TINY_CNN
+
+    cfg = write_config(tmp_path / "c.yaml", tree, params=dict(TINY_CNN, crop=None))
+    assert run("validate", cfg, "--set", "detector.params.image_size=12").exit_code == 0  # 3x3 at stride 4
+    _one_line(run("validate", cfg, "--set", "detector.params.image_size=11"), 2, "2x2 patch grid")
+
+
+# ------------------------------------------------------------------ 9: more messages and codes
+def test_empty_out_is_refused_not_the_current_folder(fitted, tree, tmp_path, monkeypatch):
+    cfg, model = fitted
+    monkeypatch.chdir(tmp_path)
+    _one_line(run("export-maps", "--model", model, "--input", tree / "widget/test/good", "--out", ""), 2, "--out is empty")
+    _one_line(run("fit", cfg, "--out", "", "-q"), 2, "--out is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_text_file_as_weights_never_suggests_weights_only_false(tree, tmp_path):
+    from tests.helpers import TINY_CNN
+
+    (tmp_path / "w.pth").write_text("this is a text file, not a checkpoint\n" * 5)
+    cfg = write_config(tmp_path / "c.yaml", tree, params=dict(TINY_CNN, weights=str(tmp_path / "w.pth")))
+    text = _one_line(run("fit", cfg, "--out", tmp_path / "o", "-q"), 4, "not a checkpoint of plain tensors")
+    assert "weights_only=False" not in text and "weights_only` set to `False" not in text
+
+
+def test_quiet_still_prints_the_holdout_warning(tree, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tree, calibration={"holdout_fraction": 0.34})
+    res = run("fit", cfg, "--out", tmp_path / "o", "-q")
+    assert res.exit_code == 0 and "calibration holdout has 2 image(s)" in res.output
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB tmpfs (needs root; skipped elsewhere)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_disk_full_is_exit_7_and_keeps_the_earlier_report(fitted, small_disk):
+    cfg, model = fitted
+    assert run("eval", cfg, "--model", model, "--out", small_disk, "-q").exit_code == 0
+    cat = small_disk / "t/widget"
+    before = {p: p.read_bytes() for p in (cat / "report_assets").iterdir()}
+    assert before
+    free = os.statvfs(small_disk)
+    (small_disk / "filler").write_bytes(b"\0" * (free.f_bavail * free.f_frsize - 48 * 1024))  # 48 KiB left
+    res = run("eval", cfg, "--model", model, "--out", small_disk, "-q")
+    _one_line(res, 7, "no space left")
+    assert {p: p.read_bytes() for p in (cat / "report_assets").iterdir()} == before
+    assert [p.name for p in cat.iterdir() if p.name.startswith(".report_assets")] == []

@@ -10,7 +10,10 @@ so ``pyimgano report`` can rebuild the page from saved files alone.
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -76,11 +79,16 @@ class ReportCollector:
         bad = [i for i in np.argsort(scores, kind="stable") if labels[i] == 1][:N_WORST]
         pro_order = sorted(per_image_pro, key=lambda i: (per_image_pro[i], i))[:N_WORST]
         groups = {"highest_scoring_good": good, "lowest_scoring_defective": bad, "worst_localised": pro_order}
-        assets = out_dir / ASSETS
-        assets.mkdir(parents=True, exist_ok=True)
-        for old in assets.glob("*.png"):
-            old.unlink()
         worst = {}
+        with new_assets(out_dir / ASSETS) as assets:  # all or nothing: a full disk leaves the old folder
+            self._write_groups(groups, samples, scores, per_image_pro, assets, vrange, worst)
+        worst["colour_range"] = [float(vrange[0]), float(vrange[1])]
+        worst["per_image_aupro"] = ("PRO of the image's own defect regions against the FPR over all defect-free "
+                                    "test pixels, to the FPR limit, normalised (the pooled AUPRO averages these)")
+        self.seconds += time.perf_counter() - t0
+        return {"curves": curves, "worst_cases": worst}
+
+    def _write_groups(self, groups, samples, scores, per_image_pro, assets: Path, vrange, worst: dict) -> None:
         for group, picks in groups.items():
             rows = []
             for rank, i in enumerate(picks):
@@ -93,11 +101,29 @@ class ReportCollector:
                     row["image"] = f"{ASSETS}/{name}"
                 rows.append(row)
             worst[group] = rows
-        worst["colour_range"] = [float(vrange[0]), float(vrange[1])]
-        worst["per_image_aupro"] = ("PRO of the image's own defect regions against the FPR over all defect-free "
-                                    "test pixels, to the FPR limit, normalised (the pooled AUPRO averages these)")
-        self.seconds += time.perf_counter() - t0
-        return {"curves": curves, "worst_cases": worst}
+
+
+@contextlib.contextmanager
+def new_assets(folder: Path):
+    """A fresh temp folder to fill, renamed over ``folder`` only when complete (else removed)."""
+    from ..outputs import check_writable, clean_stale, temp_path, write_error
+
+    check_writable(folder.parent, "report folder")
+    clean_stale(folder.parent, folder.name)
+    tmp, old = temp_path(folder), temp_path(folder, ".old")
+    try:
+        tmp.mkdir()
+        yield tmp
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        if old.exists() and not folder.exists():
+            os.replace(old, folder)  # put the earlier assets back
+        raise write_error(exc, f"Cannot write {folder}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_case(path: Path, image_path, thumb: tuple, vrange: tuple[float, float]) -> None:
