@@ -95,10 +95,13 @@ def _check_out(out_root) -> None:
 
 
 def _load(config: Path, overrides: list[str], out_root: Optional[Path] = None):
-    from pyimgano_core.config import load_config
+    from pyimgano_core.config_file import read_config_file
 
     _check_out(out_root)
-    cfg = load_config(config, overrides)
+    data = read_config_file(config)  # a missing file or bad YAML: answered before the heavy imports
+    from pyimgano_core.config import load_config
+
+    cfg = load_config(config, overrides, data)
     if out_root is not None:
         cfg.output.root = out_root
     return cfg
@@ -181,10 +184,10 @@ def validate(config: Path, set_: list[str] = SetOpt) -> None:
 def fit(config: Path, set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt,
         as_json: bool = JsonOpt, quiet: bool = QuietOpt, ray: Optional[str] = RayOpt) -> None:
     """Fit the detector on each category's normal images and save the model folders."""
-    from pyimgano_core.runs import fit_run
-
     def body():
         cfg = _load(config, set_, out_root)
+        from pyimgano_core.runs import fit_run  # heavy (the engine): after the config passed
+
         return _with_executor(cfg.execution, ray, lambda ex: fit_run(cfg, progress=_progress(quiet, as_json), executor=ex))
 
     summary = _guard(body)
@@ -203,14 +206,14 @@ def eval_(config: Path, model: Optional[Path] = typer.Option(None, "--model", me
                                                    "exit code 6 if any category falls short (reports are still written)."),
           ray: Optional[str] = RayOpt, resume: bool = ResumeOpt) -> None:
     """Fit (or load) and evaluate: metrics overall and per defect in report.json, and report.html."""
-    from pyimgano_core.reporting import GATE_EXIT_CODE
     from pyimgano_core.reporting.gates import check_gates, parse_gates
-    from pyimgano_core.runs import eval_run
 
     gates = _guard(lambda: parse_gates(fail_under))
 
     def body():
         cfg = _load(config, set_, out_root)
+        from pyimgano_core.runs import eval_run  # heavy (the engine): after the config passed
+
         return _with_executor(cfg.execution, ray, lambda ex: eval_run(cfg, model_arg=model, progress=_progress(quiet, as_json),
                                                             executor=ex, resume=resume))
 
@@ -220,6 +223,8 @@ def eval_(config: Path, model: Optional[Path] = typer.Option(None, "--model", me
     for line in failures:
         err.print(f"[bold red]gate failed:[/] {escape(line)}", highlight=False, soft_wrap=True)
     if failures:
+        from pyimgano_core.reporting import GATE_EXIT_CODE
+
         raise typer.Exit(GATE_EXIT_CODE)
 
 
@@ -270,13 +275,14 @@ def export_maps(config: Optional[Path] = typer.Argument(None, metavar="CONFIG", 
                 shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
                                                     help="Score only shard I (0-based) of N of the sorted image list.")) -> None:
     """Write heatmap overlays, raw maps, defect masks and predictions.jsonl."""
-    from pyimgano_core.runs import export_folder_run, export_run
-    from pyimgano_core.shards import parse_shard
-
     def body():
+        from pyimgano_core.shards import parse_shard
+
         part = parse_shard(shard) if shard is not None else None
         if config is not None:
             cfg = _load(config, set_, out_root)
+            from pyimgano_core.runs import export_run  # heavy (the engine): after the config passed
+
             return _with_executor(cfg.execution, ray, lambda ex: export_run(cfg, model_arg=model, input_dir=input_dir,
                                   progress=_progress(quiet, as_json), runtime=runtime, executor=ex, shard=part))
         from pyimgano_core.errors import ConfigError
@@ -287,6 +293,8 @@ def export_maps(config: Optional[Path] = typer.Argument(None, metavar="CONFIG", 
         if runtime not in ("torch", "onnx"):
             raise ConfigError(f"--runtime must be torch or onnx, got {runtime!r}")
         # no config: nothing imports torch on the onnx runtime (inspection servers)
+        from pyimgano_core.runs import export_folder_run
+
         return _with_executor(None, ray, lambda ex: export_folder_run(model, input_dir, out_root, _progress(quiet, as_json),
                                                                       runtime, executor=ex, shard=part))
 
@@ -343,10 +351,10 @@ def sweep(config: Path, grid: list[str] = typer.Option(..., "--grid", help="key.
           set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
           ray: Optional[str] = RayOpt, resume: bool = ResumeOpt) -> None:
     """Evaluate a grid of --set overrides: one report folder per run, one sweep table (JSON + Markdown)."""
-    from pyimgano_core.sweep import sweep_run
-
     def body():
         cfg = _load(config, set_, out_root)
+        from pyimgano_core.sweep import sweep_run
+
         return _with_executor(cfg.execution, ray, lambda ex: sweep_run(config, grid, set_, out_root, ex, resume, _progress(quiet, as_json)))
 
     doc = _guard(body)

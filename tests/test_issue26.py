@@ -354,3 +354,36 @@ def test_disk_full_is_exit_7_and_keeps_the_earlier_report(fitted, small_disk):
     _one_line(res, 7, "no space left")
     assert {p: p.read_bytes() for p in (cat / "report_assets").iterdir()} == before
     assert [p.name for p in cat.iterdir() if p.name.startswith(".report_assets")] == []
+
+
+# ------------------------------------------------------------------ 10: start-up
+_PROBE = """
+import runpy, sys
+sys.argv = ["pyimgano", *sys.argv[1:]]
+try:
+    runpy.run_module("pyimgano_cli", run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("torch", "torchvision", "cv2", "sklearn", "scipy", "pyimgano_core.engine", "pyimgano_core.detectors")
+               if m in sys.modules)
+print("HEAVY", ",".join(heavy), "EXIT", code, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args,code,heavy_ok", [
+    (["--help"], 0, set()),
+    (["validate", "nope.yaml"], 2, set()),
+    (["fit", "nope.yaml"], 2, set()),
+    (["export-maps", "--model", "m", "--input", "i", "--out", ""], 2, set()),
+    (["validate", "TYPO"], 2, {"cv2"}),  # schema error: the dataset models (cv2 for images), never torch
+])
+def test_help_and_config_errors_import_no_torch(tmp_path, args, code, heavy_ok):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("name: x\ndataset: {type: mvtec_ad, root: r, category: bottle}\ndetector: {name: patchcore}\ntypo_key: 1\n")
+    args = [str(typo) if a == "TYPO" else a for a in args]
+    res = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=tmp_path, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    line = [x for x in res.stderr.splitlines() if x.startswith("HEAVY")][-1]
+    heavy = set(filter(None, line.split()[1].split(","))) if line.split()[1] != "EXIT" else set()
+    assert line.endswith(f"EXIT {code}"), res.stderr
+    assert heavy <= heavy_ok, line
