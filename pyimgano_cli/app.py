@@ -133,8 +133,33 @@ def _print_warnings(summary: dict) -> None:
         err.print(f"[yellow]warning[/] {escape('[' + ', '.join(cats) + ']')}: {escape(w)}", highlight=False, soft_wrap=True)
 
 
+def _oracle(d) -> str:
+    if not isinstance(d, dict):
+        return str(d)
+    return ", ".join(f"{k.removesuffix('_f1_max')} {_fmt(v)}" for k, v in d.items())
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
+
+
+def results_table(summary: dict) -> Table:
+    """Metrics per category and defect; at 80 columns the names stay whole (headers wrap instead)."""
+    from pyimgano_core.runs import METRIC_KEYS
+
+    table = Table(title=f"{summary['name']} ({summary['detector']})")
+    table.add_column("category / defect", no_wrap=True)  # defect names whole; the number columns' headers wrap
+    for header in ("img AUROC", "img AP", "pix AUROC", "pix AP", "AUPRO", "fit s", "s/img"):
+        table.add_column(header, justify="right", no_wrap=False, min_width=5)
+    for cat, r in summary["categories"].items():
+        t = r["timing"]
+        table.add_row(f"[bold]{escape(cat)}[/]", *(_fmt(r["metrics"].get(k)) for k in METRIC_KEYS),
+                      f"{t.get('fit_s', 0):.1f}", f"{t['predict_s_per_image']:.3f}")
+        for d, m in r["per_defect"].items():
+            table.add_row(escape(f"  {d} ({m['n']})"), *(_fmt(m.get(k)) for k in METRIC_KEYS), "", "")
+    if len(summary["categories"]) > 1:
+        table.add_row("[bold]mean[/]", *(_fmt(summary["mean"][k]) for k in METRIC_KEYS), "", "")
+    return table
 
 
 def _print_metrics(summary: dict, as_json: bool, quiet: bool) -> None:
@@ -144,28 +169,14 @@ def _print_metrics(summary: dict, as_json: bool, quiet: bool) -> None:
         return
     if quiet:
         return
-    from pyimgano_core.runs import METRIC_KEYS
-
-    table = Table(title=f"{summary['name']} ({summary['detector']})")
-    table.add_column("category / defect", overflow="fold")
-    for header in ("img AUROC", "img AP", "pix AUROC", "pix AP", "AUPRO", "fit s", "s/img"):
-        table.add_column(header, justify="right")
-    for cat, r in summary["categories"].items():
-        t = r["timing"]
-        table.add_row(f"[bold]{cat}[/]", *(_fmt(r["metrics"].get(k)) for k in METRIC_KEYS),
-                      f"{t.get('fit_s', 0):.1f}", f"{t['predict_s_per_image']:.3f}")
-        for d, m in r["per_defect"].items():
-            table.add_row(f"  {d} ({m['n']})", *(_fmt(m.get(k)) for k in METRIC_KEYS), "", "")
-    if len(summary["categories"]) > 1:
-        table.add_row("[bold]mean[/]", *(_fmt(summary["mean"][k]) for k in METRIC_KEYS), "", "")
-    out.print(table)
+    out.print(results_table(summary))
     for cat, r in summary["categories"].items():
         dec = r.get("decisions")
         if dec:
             i, p = dec["image"], dec.get("pixel")
             out.print(escape(f"[{cat}]") + f" at calibrated thresholds: image F1 {i['f1']:.3f} (P {i['precision']:.3f}, R {i['recall']:.3f}, "
                       f"FPR on test/good {_fmt(i['test_good_fpr'])})" + (f", pixel F1 {p['f1']:.3f}, IoU {p['iou']:.3f}" if p else "")
-                      + f"; oracle F1-max: {dec['oracle_f1_max_NOT_a_deployable_threshold']}")
+                      + f"; oracle F1-max (not a deployable threshold): {_oracle(dec['oracle_f1_max_NOT_a_deployable_threshold'])}")
             t = dec["thresholds"]
             if t.get("expected_fpr") is not None:
                 out.print(escape(f"[{cat}]") + f" image threshold: rank {t['image_rank']} of {t['n_images']} held-out scores, promised "
@@ -177,7 +188,7 @@ def _print_metrics(summary: dict, as_json: bool, quiet: bool) -> None:
 def validate(config: Path, set_: list[str] = SetOpt) -> None:
     """Check a config file (schema, detector parameters) without running anything."""
     cfg = _guard(lambda: _load(config, set_))
-    out.print(f"ok: {config} ({cfg.detector.name} on {cfg.dataset.type})")
+    out.print(escape(f"ok: {config} ({cfg.detector.name} on {cfg.dataset.type})"), highlight=False, soft_wrap=True)
 
 
 @app.command()
