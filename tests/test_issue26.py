@@ -387,3 +387,78 @@ def test_help_and_config_errors_import_no_torch(tmp_path, args, code, heavy_ok):
     heavy = set(filter(None, line.split()[1].split(","))) if line.split()[1] != "EXIT" else set()
     assert line.endswith(f"EXIT {code}"), res.stderr
     assert heavy <= heavy_ok, line
+
+
+# ------------------------------------------------------------------ 11: progress and tables at 80 columns
+def _console80():
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=80, force_terminal=False, color_system=None)
+
+
+def test_fit_progress_has_totals_rates_and_eta_uncut_at_80_columns(tree, tmp_path):
+    from pyimgano_cli.progress import RichProgress
+    from pyimgano_core.config import load_config
+    from pyimgano_core.runs import fit_run
+
+    console = _console80()
+    cfg = load_config(write_config(tmp_path / "c.yaml", tree))
+    fit_run(cfg, tmp_path / "o", progress=RichProgress(console))
+    text = console.file.getvalue()
+    assert "/?" not in text and "…" not in text
+    flat = " ".join(text.split())
+    assert "[widget] patchcore: features:" in flat and "expected peak" in flat  # wrapped, not cut
+    assert "6/6" in flat  # feature extraction over the 6 training images knows its total
+    coreset = [line for line in text.splitlines() if "coreset:" in line]
+    assert coreset and all("/s" in line and "eta" in line for line in coreset)
+    done, total = (int(v.replace(",", "")) for v in coreset[0].split("━")[-1].split()[0].split("/"))
+    assert done == total > 0
+
+
+def test_results_table_keeps_defect_names_whole_at_80_columns():
+    from pyimgano_cli.app import results_table
+
+    metrics = {k: 0.5 for k in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")}
+    summary = {"name": "mvtec_patchcore_mobilenet", "detector": "patchcore", "mean": metrics,
+               "categories": {"bottle": {"metrics": metrics, "timing": {"fit_s": 24.1, "predict_s_per_image": 0.31},
+                                         "per_defect": {"broken_large": dict(metrics, n=20), "contamination": dict(metrics, n=21)}}}}
+    console = _console80()
+    console.print(results_table(summary))
+    lines = console.file.getvalue().splitlines()
+    assert max(len(x) for x in lines) <= 80
+    assert any("broken_large (20)" in x for x in lines) and any("contamination (21)" in x for x in lines)
+
+
+# ------------------------------------------------------------------ 12: honest pictures
+def test_report_thumbnails_use_the_models_scale_with_a_labelled_bar_and_readable_protocol(fitted, tree, tmp_path):
+    from pyimgano_core.model import Model
+
+    cfg, model = fitted
+    assert run("eval", cfg, "--model", model, "--out", tmp_path / "e", "-q").exit_code == 0
+    report = json.loads((tmp_path / "e/t/widget/report.json").read_text())
+    thr = Model.load(model).thresholds
+    worst = report["worst_cases"]
+    assert worst["colour_range"] == pytest.approx([thr.pixel_median, 2 * thr.pixel - thr.pixel_median])  # the overlays' scale
+    assert worst["pixel_threshold"] == pytest.approx(thr.pixel) and "display range" in worst["colour_range_from"]
+    bar = cv2.imread(str(tmp_path / "e/t/widget" / worst["colour_bar"]))
+    assert bar is not None and bar.shape[1] > 300
+    res = run("export-maps", "--model", model, "--input", tree / "widget/test/good", "--out", tmp_path / "x", "--json")
+    assert json.loads(res.output)["categories"]["widget"]["display_range"] == pytest.approx(worst["colour_range"])
+    html = (tmp_path / "e/t/widget/report.html").read_text()
+    assert "colour bar" in html and "pixel threshold" in html and "image threshold" in html
+    protocol = html[html.index("<h2>Protocol</h2>"):]
+    assert "{'" not in protocol and "resized to 64x64, no crop" in protocol
+    assert "centre-cropped" not in protocol and "whole image" in protocol
+
+
+def test_main_config_shows_decisions_without_a_holdout_warning():
+    from pyimgano_core.calibration import conformal_threshold
+    from pyimgano_core.config import load_config
+
+    cfg = load_config(ROOT / "configs/mvtec_patchcore_mobilenet.yaml")
+    assert cfg.calibration is not None
+    n_hold = round(cfg.calibration.holdout_fraction * 209)  # bottle's good training images
+    _, k, expected, _, warning = conformal_threshold(np.arange(n_hold, dtype=float), 1 - cfg.calibration.image_quantile)
+    assert warning is None and k == n_hold and expected <= 1 - cfg.calibration.image_quantile
