@@ -16,6 +16,8 @@ class RateColumn(ProgressColumn):
 
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
+        if speed is None and task.elapsed and task.completed:  # one big step: the mean rate so far
+            speed = task.completed / task.elapsed
         if speed is None:
             return Text("-/s", style="progress.data.speed")
         return Text(f"{speed:,.0f}/s" if speed >= 100 else f"{speed:.2g}/s", style="progress.data.speed")

@@ -35,7 +35,9 @@ def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, color=
 def _colour_bar(height: int, vmin: float, vmax: float, marks: dict[str, float], scale: float) -> np.ndarray:
     """A vertical bar (top = vmax) with its end values and labelled marks (e.g. the threshold)."""
     bar_w = max(12, height // 30)
-    label_w = int(110 * scale) + 8
+    labels = [f"{vmax:.3g}", f"{vmin:.3g}", *(f"{name} {v:.3g}" for name, v in marks.items())]
+    thick = max(1, int(round(scale * 0.8 * 2)))
+    label_w = max(cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, scale * 0.8, thick)[0][0] for t in labels) + 12  # labels whole
     panel = np.full((height, bar_w + label_w + 8, 3), 32, np.uint8)
     ramp = np.linspace(vmax, vmin, height, dtype=np.float32)[:, None].repeat(bar_w, 1)
     panel[:, 4 : 4 + bar_w] = colorize(ramp, vmin, vmax)
@@ -71,7 +73,8 @@ def render_overlay(image_rgb: np.ndarray, amap: np.ndarray, vrange: tuple[float,
         head = f"score {score:.4g}"
         if image_threshold is not None:
             head += f" (image threshold {image_threshold:.4g}) " + ("ANOMALOUS" if score >= image_threshold else "normal")
-        _text(out, head, (6, int(22 * scale) + 4), scale)
+        fit = min(scale, scale * (w - 16) / max(1, cv2.getTextSize(head, cv2.FONT_HERSHEY_SIMPLEX, scale, max(1, int(round(scale * 2))))[0][0]))
+        _text(out, head, (6, int(22 * fit) + 4), fit)  # shrunk to the image width: never cut
     marks = {"pixel thr": pixel_threshold} if pixel_threshold is not None else {}  # map values, not image scores
     return np.hstack([out, _colour_bar(h, vmin, vmax, marks, scale)])
 
