@@ -119,7 +119,7 @@ def latency_worker(model_dir: str, n: int) -> None:
         t1 = time.perf_counter()
         frame = read_image(p)
         t2 = time.perf_counter()
-        inspector.predict(frame)
+        inspector.predict(frame, channels="rgb")  # read_image decodes to RGB
         times["path"].append(t1 - t0), times["decode"].append(t2 - t1), times["array"].append(time.perf_counter() - t2)
 
     def ms(v, q):

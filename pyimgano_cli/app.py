@@ -25,9 +25,14 @@ err = Console(stderr=True)
 out = Console()
 
 SetOpt = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config field: key.path=value (repeatable).")
-OutOpt = typer.Option(None, "--out", metavar="DIR", help="Output root (default: output.root of the config, 'reports').")
+def _out_text(value: str):
+    """``--out``: kept as text when empty (Path("") is the current folder; refused in :func:`_check_out`)."""
+    return Path(value) if value.strip() else ""
+
+
+OutOpt = typer.Option(None, "--out", metavar="DIR", parser=_out_text, help="Output root (default: output.root of the config, 'reports').")
 JsonOpt = typer.Option(False, "--json", help="Print the summary JSON alone on stdout.")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or tables.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or tables (warnings and errors still print).")
 RayOpt = typer.Option(None, "--ray", metavar="ADDRESS",
                       help="Run on Ray: 'local' (start one in this process), 'auto' (a running cluster), ray://host:port.")
 ResumeOpt = typer.Option(False, "--resume", help="Skip categories whose report.json exists with the same config hash.")
@@ -73,20 +78,33 @@ def _guard(fn: Callable[[], object]) -> object:
         err.print("interrupted; partial outputs removed")
         raise typer.Exit(130) from None
     except OSError as exc:  # an output write the pre-checks could not foresee (disk full, lost mount)
+        import errno
+
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         err.print(f"[bold red]error:[/] {escape((exc.strerror or type(exc).__name__) + where)}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(7 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 1) from None
     except MemoryError:
         err.print("[bold red]error:[/] out of memory (try metrics.resolution, a smaller image_size or coreset_ratio)")
         raise typer.Exit(1) from None
 
 
+def _check_out(out_root) -> None:
+    if isinstance(out_root, str) and not out_root.strip():
+        from pyimgano_core.errors import ConfigError
+
+        raise ConfigError("--out is empty; give an output folder (e.g. --out reports)")
+
+
 def _load(config: Path, overrides: list[str], out_root: Optional[Path] = None):
+    from pyimgano_core.config_file import read_config_file
+
+    _check_out(out_root)
+    data = read_config_file(config)  # a missing file or bad YAML: answered before the heavy imports
     from pyimgano_core.config import load_config
 
     with warnings.catch_warnings(record=True) as caught:  # earlier flat keys: one line each, naming the new path
         warnings.simplefilter("always", FutureWarning)
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides, data)
     for w in caught:
         err.print(f"[yellow]warning[/]: {escape(str(w.message))}", highlight=False, soft_wrap=True)
     if out_root is not None:
@@ -120,40 +138,50 @@ def _print_warnings(summary: dict) -> None:
         err.print(f"[yellow]warning[/] {escape('[' + ', '.join(cats) + ']')}: {escape(w)}", highlight=False, soft_wrap=True)
 
 
+def _oracle(d) -> str:
+    if not isinstance(d, dict):
+        return str(d)
+    return ", ".join(f"{k.removesuffix('_f1_max')} {_fmt(v)}" for k, v in d.items())
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def results_table(summary: dict) -> Table:
+    """Metrics per category and defect; at 80 columns the names stay whole (headers wrap instead)."""
+    from pyimgano_core.runs import METRIC_KEYS
+
+    table = Table(title=f"{summary['name']} ({summary['detector']})")
+    table.add_column("category / defect", no_wrap=True)  # defect names whole; the number columns' headers wrap
+    for header in ("img AUROC", "img AP", "pix AUROC", "pix AP", "AUPRO", "fit s", "s/img"):
+        table.add_column(header, justify="right", no_wrap=False, min_width=5)
+    for cat, r in summary["categories"].items():
+        t = r["timing"]
+        table.add_row(f"[bold]{escape(cat)}[/]", *(_fmt(r["metrics"].get(k)) for k in METRIC_KEYS),
+                      f"{t.get('fit_s', 0):.1f}", f"{t['predict_s_per_image']:.3f}")
+        for d, m in r["per_defect"].items():
+            table.add_row(escape(f"  {d} ({m['n']})"), *(_fmt(m.get(k)) for k in METRIC_KEYS), "", "")
+    if len(summary["categories"]) > 1:
+        table.add_row("[bold]mean[/]", *(_fmt(summary["mean"][k]) for k in METRIC_KEYS), "", "")
+    return table
+
+
 def _print_metrics(summary: dict, as_json: bool, quiet: bool) -> None:
-    if not quiet:
-        _print_warnings(summary)
+    _print_warnings(summary)  # also with -q
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
         return
     if quiet:
         return
-    from pyimgano_core.runs import METRIC_KEYS
-
-    table = Table(title=f"{summary['name']} ({summary['detector']})")
-    table.add_column("category / defect", overflow="fold")
-    for header in ("img AUROC", "img AP", "pix AUROC", "pix AP", "AUPRO", "fit s", "s/img"):
-        table.add_column(header, justify="right")
-    for cat, r in summary["categories"].items():
-        t = r["timing"]
-        table.add_row(f"[bold]{cat}[/]", *(_fmt(r["metrics"].get(k)) for k in METRIC_KEYS),
-                      f"{t.get('fit_s', 0):.1f}", f"{t['predict_s_per_image']:.3f}")
-        for d, m in r["per_defect"].items():
-            table.add_row(f"  {d} ({m['n']})", *(_fmt(m.get(k)) for k in METRIC_KEYS), "", "")
-    if len(summary["categories"]) > 1:
-        table.add_row("[bold]mean[/]", *(_fmt(summary["mean"][k]) for k in METRIC_KEYS), "", "")
-    out.print(table)
+    out.print(results_table(summary))
     for cat, r in summary["categories"].items():
         dec = r.get("decisions")
         if dec:
             i, p = dec["image"], dec.get("pixel")
             out.print(escape(f"[{cat}]") + f" at calibrated thresholds: image F1 {i['f1']:.3f} (P {i['precision']:.3f}, R {i['recall']:.3f}, "
                       f"FPR on test/good {_fmt(i['test_good_fpr'])})" + (f", pixel F1 {p['f1']:.3f}, IoU {p['iou']:.3f}" if p else "")
-                      + f"; oracle F1-max: {dec['oracle_f1_max_NOT_a_deployable_threshold']}")
+                      + f"; oracle F1-max (not a deployable threshold): {_oracle(dec['oracle_f1_max_NOT_a_deployable_threshold'])}")
             t = dec["thresholds"]
             if t.get("expected_fpr") is not None:
                 out.print(escape(f"[{cat}]") + f" image threshold: rank {t['image_rank']} of {t['n_images']} held-out scores, promised "
@@ -165,22 +193,21 @@ def _print_metrics(summary: dict, as_json: bool, quiet: bool) -> None:
 def validate(config: Path, set_: list[str] = SetOpt) -> None:
     """Check a config file (schema, detector parameters) without running anything."""
     cfg = _guard(lambda: _load(config, set_))
-    out.print(f"ok: {config} ({cfg.detector.name} on {cfg.dataset.type})")
+    out.print(escape(f"ok: {config} ({cfg.detector.name} on {cfg.dataset.type})"), highlight=False, soft_wrap=True)
 
 
 @app.command()
 def fit(config: Path, set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt,
         as_json: bool = JsonOpt, quiet: bool = QuietOpt, ray: Optional[str] = RayOpt) -> None:
     """Fit the detector on each category's normal images and save the model folders."""
-    from pyimgano_core.runs import fit_run
-
     def body():
         cfg = _load(config, set_, out_root)
+        from pyimgano_core.runs import fit_run  # heavy (the engine): after the config passed
+
         return _with_executor(cfg.execution, ray, lambda ex: fit_run(cfg, progress=_progress(quiet, as_json), executor=ex))
 
     summary = _guard(body)
-    if not quiet:
-        _print_warnings(summary)
+    _print_warnings(summary)  # also with -q: -q hides progress and tables, never a warning
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
     elif not quiet:
@@ -195,14 +222,14 @@ def eval_(config: Path, model: Optional[Path] = typer.Option(None, "--model", me
                                                    "exit code 6 if any category falls short (reports are still written)."),
           ray: Optional[str] = RayOpt, resume: bool = ResumeOpt) -> None:
     """Fit (or load) and evaluate: metrics overall and per defect in report.json, and report.html."""
-    from pyimgano_core.reporting import GATE_EXIT_CODE
     from pyimgano_core.reporting.gates import check_gates, parse_gates
-    from pyimgano_core.runs import eval_run
 
     gates = _guard(lambda: parse_gates(fail_under))
 
     def body():
         cfg = _load(config, set_, out_root)
+        from pyimgano_core.runs import eval_run  # heavy (the engine): after the config passed
+
         return _with_executor(cfg.execution, ray, lambda ex: eval_run(cfg, model_arg=model, progress=_progress(quiet, as_json),
                                                             executor=ex, resume=resume))
 
@@ -212,6 +239,8 @@ def eval_(config: Path, model: Optional[Path] = typer.Option(None, "--model", me
     for line in failures:
         err.print(f"[bold red]gate failed:[/] {escape(line)}", highlight=False, soft_wrap=True)
     if failures:
+        from pyimgano_core.reporting import GATE_EXIT_CODE
+
         raise typer.Exit(GATE_EXIT_CODE)
 
 
@@ -262,22 +291,26 @@ def export_maps(config: Optional[Path] = typer.Argument(None, metavar="CONFIG", 
                 shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
                                                     help="Score only shard I (0-based) of N of the sorted image list.")) -> None:
     """Write heatmap overlays, raw maps, defect masks and predictions.jsonl."""
-    from pyimgano_core.runs import export_folder_run, export_run
-    from pyimgano_core.shards import parse_shard
-
     def body():
+        from pyimgano_core.shards import parse_shard
+
         part = parse_shard(shard) if shard is not None else None
         if config is not None:
             cfg = _load(config, set_, out_root)
+            from pyimgano_core.runs import export_run  # heavy (the engine): after the config passed
+
             return _with_executor(cfg.execution, ray, lambda ex: export_run(cfg, model_arg=model, input_dir=input_dir,
                                   progress=_progress(quiet, as_json), runtime=runtime, executor=ex, shard=part))
         from pyimgano_core.errors import ConfigError
 
         if model is None or input_dir is None or set_:
             raise ConfigError("export-maps without a config needs --model and --input (and takes no --set)")
+        _check_out(out_root)
         if runtime not in ("torch", "onnx"):
             raise ConfigError(f"--runtime must be torch or onnx, got {runtime!r}")
         # no config: nothing imports torch on the onnx runtime (inspection servers)
+        from pyimgano_core.runs import export_folder_run
+
         return _with_executor(None, ray, lambda ex: export_folder_run(model, input_dir, out_root, _progress(quiet, as_json),
                                                                       runtime, executor=ex, shard=part))
 
@@ -289,21 +322,36 @@ def export_maps(config: Optional[Path] = typer.Argument(None, metavar="CONFIG", 
         for cat, r in summary["categories"].items():
             out.print(escape(f"[{cat}]") + f" {r['n_scored']}/{r['n_images']} images scored ({_fmt(r['images_per_s'])} img/s)"
                       + (f", {r['n_anomalous']} anomalous" if r.get("n_anomalous") is not None else ""))
-            out.print(f"outputs written to {escape(r['out_dir'])}", highlight=False, soft_wrap=True)
+            if r["n_scored"]:
+                out.print(f"outputs written to {escape(r['out_dir'])}", highlight=False, soft_wrap=True)
             for f in r["failures"]:
                 err.print(f"[yellow]skipped[/] {escape(f['path'])}: {escape(f['error'])}", highlight=False, soft_wrap=True)
     if failed:
-        err.print(f"[bold red]error:[/] {failed} image(s) could not be read; all others were exported")
+        err.print(f"[bold red]error:[/] {escape(_failed_line(summary))}", highlight=False, soft_wrap=True)
         raise typer.Exit(3)
 
 
+def _failed_line(summary: dict) -> str:
+    n = sum(r.get("n_images", 0) for r in summary["categories"].values())
+    failed = sum(r.get("n_failed", 0) for r in summary["categories"].values())
+    scored = sum(r.get("n_scored", 0) for r in summary["categories"].values())
+    if scored:
+        return f"{failed} of {n} image(s) could not be read; the other {scored} were exported"
+    where = ", ".join(r["out_dir"] for r in summary["categories"].values())
+    return f"none of the {n} image(s) could be read; nothing was exported and {where} is unchanged"
+
+
 @app.command("export-onnx")
-def export_onnx(model_dir: Path, out_file: Optional[Path] = typer.Option(None, "--out", help="ONNX file (default: MODEL_DIR/model.onnx)."),
+def export_onnx(model_dir: Path, out_file: Optional[Path] = typer.Option(None, "--out", parser=_out_text, help="ONNX file (default: MODEL_DIR/model.onnx)."),
                 opset: int = typer.Option(17, "--opset", help="ONNX opset (13-20)."), as_json: bool = JsonOpt) -> None:
     """Export a fitted patch-kNN model to one ONNX graph, kept only if onnxruntime matches torch."""
     from pyimgano_core.deploy.onnx_export import export_onnx as run
 
-    info = _guard(lambda: run(model_dir, out_file, opset))
+    def body():
+        _check_out(out_file)
+        return run(model_dir, out_file, opset)
+
+    info = _guard(body)
     if as_json:
         sys.stdout.write(json.dumps(info, default=str) + "\n")
         return
@@ -319,10 +367,10 @@ def sweep(config: Path, grid: list[str] = typer.Option(..., "--grid", help="key.
           set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
           ray: Optional[str] = RayOpt, resume: bool = ResumeOpt) -> None:
     """Evaluate a grid of --set overrides: one report folder per run, one sweep table (JSON + Markdown)."""
-    from pyimgano_core.sweep import sweep_run
-
     def body():
         cfg = _load(config, set_, out_root)
+        from pyimgano_core.sweep import sweep_run
+
         return _with_executor(cfg.execution, ray, lambda ex: sweep_run(config, grid, set_, out_root, ex, resume, _progress(quiet, as_json)))
 
     doc = _guard(body)

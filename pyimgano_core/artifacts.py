@@ -14,7 +14,7 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ModelError
+from .errors import ModelError, PyimganoError
 
 if TYPE_CHECKING:
     import torch
@@ -128,3 +128,35 @@ def fold_saved_batchnorm(state: dict, wanted: set[str], backbone: str) -> dict:
         out[f"{conv}.weight"] = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
         out[f"{conv}.bias"] = (out.get(f"{conv}.bias", torch.zeros_like(mean)) - mean) * scale + beta
     return out
+
+
+def tensors_sha256(state: dict) -> str:
+    """sha256 over a state dict's tensors (sorted names, dtype, shape, values): the same for the
+    same weights however the file holding them was spelled or laid out."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes of any dtype
+    return h.hexdigest()
+
+
+def same_backbone(detector, weights: str | None) -> bool:
+    """Whether ``weights`` (a config's ``detector.params.weights``) gives the very tensors of the
+    fitted detector's backbone (``backbone.pt``): compared by :func:`tensors_sha256`, not by path."""
+    from pydantic import ValidationError
+
+    fitted = getattr(detector, "params_", None)
+    if fitted is None or getattr(detector, "embedder", None) is None or "weights" not in type(fitted).model_fields:
+        return False
+    try:
+        detector.params_ = fitted.model_copy(update={"weights": weights})
+        emb = detector._make_embedder()
+    except (OSError, ValueError, RuntimeError, ValidationError, PyimganoError):
+        return False  # a file that cannot be read is not the same backbone
+    finally:
+        detector.params_ = fitted
+    mine, theirs = detector.embedder.state_dict(), emb.state_dict()
+    return set(mine) == set(theirs) and tensors_sha256(mine) == tensors_sha256(theirs)

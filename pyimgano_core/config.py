@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .data import DatasetConfig
-from .detectors import get_detector_class
+from .config_file import read_config_file
 from .errors import ConfigError
 from .execution import ExecutionConfig
 from .postprocess import PostprocessConfig
@@ -72,6 +72,8 @@ class ExperimentConfig(Strict):
         Detectors whose parameters have a ``category`` field (per-category defaults, e.g.
         AnomalyDINO's ``masking: reference``) also get the dataset category being run.
         """
+        from .detectors import get_detector_class  # the detectors import torch: only once the schema passed
+
         params = dict(self.detector.params, seed=self.seed)
         if category is not None and "category" in get_detector_class(self.detector.name).Params.model_fields:
             params["category"] = category
@@ -192,6 +194,8 @@ def validate_config(data: Any, source: str = "config") -> ExperimentConfig:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {format_validation_error(exc, model=ExperimentConfig)}") from None
+    from .detectors import get_detector_class  # the detectors import torch: only once the schema passed
+
     cls = get_detector_class(cfg.detector.name)
     if "seed" in cfg.detector.params:
         raise ConfigError(f"{source}: detector.params.seed: set the top-level 'seed' instead")
@@ -208,31 +212,28 @@ def validate_config(data: Any, source: str = "config") -> ExperimentConfig:
     except ValidationError as exc:
         msg = format_validation_error(exc, ("detector", "params"), model=cls.Params)
         raise ConfigError(f"{source}: {msg}") from None
+    problem = _geometry_problem(params)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
     cfg.detector.params = {k: v for k, v in params.model_dump(mode="json").items() if k not in ("seed", "category")}
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment file, apply ``key.path=value`` overrides and validate."""
+def _geometry_problem(params) -> str | None:
+    """CNN patch-kNN taps and input size (detectors/geometry_check.py): a grid under 3x3, unknown taps."""
+    from .detectors.geometry_check import check_cnn_geometry
+    from .detectors.patchcore import CNNPatchParams
+
+    return check_cnn_geometry(params) if isinstance(params, CNNPatchParams) else None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, data: Any = None) -> ExperimentConfig:
+    """Read a YAML experiment file, apply ``key.path=value`` overrides and validate.
+
+    ``data``: the file's parsed YAML when the caller has read it already (:func:`read_config_file`)."""
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{path} is a folder; give the YAML config file inside it (e.g. {path / 'config.yaml'})")
-    if not path.is_file():
-        raise ConfigError(f"Config file not found: {path}")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"Cannot read config {path}: {exc.strerror or type(exc).__name__}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save it as UTF-8") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = read_config_file(path)
     if isinstance(data, dict):
         data = apply_overrides(data, list(overrides or []))
     return validate_config(data, str(path))

@@ -98,7 +98,8 @@ def build_model(cfg: ExperimentConfig, split: Split, progress: Progress | None =
         fit_samples, holdout = split_holdout(split.train, cfg.calibration.holdout_fraction, cfg.seed)
     fit_samples = select_shots(fit_samples, cfg.dataset.shots, cfg.seed, cfg.dataset.shots_protocol)
     detector = create_detector(cfg.detector.name, **cfg.detector_params(split.name))
-    progress.start(f"[{split.name}] fitting {cfg.detector.name} on {len(fit_samples)} images", None)
+    # known total from the start: the detector's first stage (features) counts these images
+    progress.start(f"[{split.name}] {cfg.detector.name}: extracting features of {len(fit_samples)} images", len(fit_samples))
     if hasattr(detector, "fit_progress"):  # stages with counts and an ETA (features, coreset)
         detector.fit_progress = StageProgress(progress, f"[{split.name}] {cfg.detector.name}: ")
     t0 = time.perf_counter()
@@ -319,7 +320,8 @@ def _evaluate(cfg, split, model, out_dir, progress, fit_timing, pixels: PixelMet
 
     from .export import _display_range, _save_eval_maps
 
-    report_parts = collector.finish(samples, labels, scores, out_dir, _display_range(model))
+    report_parts = collector.finish(samples, labels, scores, out_dir, _display_range(model),
+                                    model.thresholds.pixel if model.thresholds is not None else None)
     maps_written = None
     if cfg.output.save_maps and pix_owner:
         maps_written = _save_eval_maps(model, samples, pix_owner, pix_region, pixels, (lo, hi), out_dir / "maps")
@@ -341,7 +343,8 @@ def _evaluate(cfg, split, model, out_dir, progress, fit_timing, pixels: PixelMet
             "model_input": geometry.describe() if geometry else None,
             "map_resolution": "original mask resolution" if cfg.metrics.resolution == "original" else f"longest side {cfg.metrics.resolution}",
             "evaluated_fraction_of_image": float(np.mean(covered)) if covered else None,
-            "border_rule": "pixels outside the model's (centre-cropped) view are not evaluated",
+            "border_rule": ("pixels outside the model's (centre-cropped) view are not evaluated" if getattr(geometry, "crop", None)
+                            or getattr(geometry, "multiple", None) else "the model sees the whole image (no crop): every pixel is evaluated"),
             "aupro": f"8-connected regions, exact, FPR limit {fpr_limit}, normalised by the limit",
             "mask_threshold": f"mask value > {split.mask_threshold}",
             "thresholds_from": "held-out normal training images" if model.thresholds else None,

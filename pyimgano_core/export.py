@@ -5,6 +5,7 @@ images into files, on a small writer pool with a bounded queue so memory stays f
 """
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from .data.io import read_image
 from .engine import WRITERS, Progress, Scored, peak_rss_mb, score_stream
 from .metrics_stream import PixelMetricStream
 from .outputs import check_writable, clean_stale, folder_lock, temp_path
+from .predictions import check_same_model, merge, read_earlier
 from .reports import dumps, save_map_outputs, write_json
 
 if TYPE_CHECKING:
@@ -100,11 +102,13 @@ def _export_locked(model: Model, images: Sequence[Path], out_dir: Path, progress
     clean_stale(out_dir, "predictions.jsonl")
     thr = model.thresholds
     vrange = _display_range(model)
+    earlier = read_earlier(out_dir)  # before any work: an unreadable file or another model's rows are refused
+    check_same_model(out_dir, thr.to_dict() if thr else None, list(vrange) if vrange else None)
     partial = temp_path(out_dir / "predictions.jsonl", ".partial")
     failures, n_ok, n_anomalous, used = [], 0, 0, set()
 
     def write(s: Scored, path: Path, stem: Path) -> dict:  # on a writer thread: cv2 encoding releases the GIL
-        row = {"path": str(path), "score": s.score}
+        row = {"path": str(path), "output": stem.as_posix(), "score": s.score}
         if thr is not None:
             row["is_anomalous"] = bool(s.score >= thr.image)
         if s.amap is not None:
@@ -136,14 +140,18 @@ def _export_locked(model: Model, images: Sequence[Path], out_dir: Path, progress
                 if s.error:
                     failures.append({"path": str(path), "error": s.error})
                     continue
-                jobs.append(pool.submit(write, s, path, output_stem(path, base, used)))  # stems in input order
+                stem = output_stem(path, base, used)  # stems in input order
+                jobs.append(pool.submit(write, s, path, stem))
                 while len(jobs) > 2 * WRITERS:  # bounded queue: memory stays flat
                     finish_oldest()
             while jobs:
                 finish_oldest()
-        partial.replace(out_dir / "predictions.jsonl")
+        if n_ok:  # a run that scores nothing changes nothing (predictions.py: the rule for a second export)
+            n_rows, n_kept = _merge_into(out_dir, earlier, partial)
     finally:
         partial.unlink(missing_ok=True)
+    if not n_ok:
+        n_rows, n_kept = len(earlier), len(earlier)
     elapsed = time.perf_counter() - t0
     summary = {
         "n_images": len(images), "n_scored": n_ok, "n_failed": len(failures), "failures": failures,
@@ -156,6 +164,25 @@ def _export_locked(model: Model, images: Sequence[Path], out_dir: Path, progress
         "outputs": "<input file name>_overlay.png, _map.npy (float16, original resolution), _mask.png (0/255), "
                    "under the input's relative path",
         "out_dir": str(out_dir),
+        "n_predictions": n_rows, "n_kept_from_earlier": n_kept,
+        "rule": "a second export adds per input: an input with the same output name replaces its row and files, "
+                "earlier rows of other inputs are kept; a run that scores nothing changes nothing",
     }
-    write_json(out_dir / "summary.json", summary)
+    if n_ok:
+        write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _merge_into(out_dir: Path, earlier: list[dict], partial: Path) -> tuple[int, int]:
+    """predictions.jsonl := the earlier rows this run did not replace, then this run's rows."""
+    with open(partial) as fh:
+        new = [json.loads(line) for line in fh]
+    rows, n_kept = merge(earlier, new, out_dir)
+    merged = temp_path(out_dir / "predictions.jsonl", ".partial")
+    try:
+        with open(merged, "w") as fh:
+            fh.writelines(dumps(r) + "\n" for r in rows)
+        merged.replace(out_dir / "predictions.jsonl")
+    finally:
+        merged.unlink(missing_ok=True)
+    return len(rows), n_kept

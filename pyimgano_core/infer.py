@@ -3,6 +3,7 @@
 >>> from pyimgano_core.infer import load_model
 >>> inspector = load_model("reports/my_line/part/model")       # doctest: +SKIP
 >>> result = inspector.predict("incoming/0001.png")             # doctest: +SKIP
+>>> result = inspector.predict(cv2.imread("incoming/0001.png"), channels="bgr")  # doctest: +SKIP
 >>> result.score, result.is_anomalous, result.anomaly_map.shape, result.mask.sum()  # doctest: +SKIP
 
 On a server without torch, after ``pyimgano export-onnx MODEL_DIR``:
@@ -23,6 +24,8 @@ from .deploy.onnx_runtime import OnnxModel, load_onnx_model
 from .engine import score_stream
 from .errors import ConfigError, DataError
 
+Channels = Literal["rgb", "bgr"]
+
 if TYPE_CHECKING:
     from .model import Model
 
@@ -41,14 +44,20 @@ class Inspector:
     def __init__(self, model: Model | OnnxModel):
         self.model = model
 
-    def predict(self, image: str | Path | np.ndarray) -> Inspection:
-        """Score one image (a path or an HxWx3 uint8 RGB array)."""
-        return next(self.predict_many([image]))
+    def predict(self, image: str | Path | np.ndarray, channels: Channels | None = None) -> Inspection:
+        """Score one image: a path, or an HxWx3 uint8 array with its channel order named.
 
-    def predict_many(self, images: Iterable) -> Iterator[Inspection]:
-        """Score images lazily, in the engine's chunks (bounded memory)."""
+        ``channels`` is required for an array and ignored for a path: ``"bgr"`` for a frame from
+        OpenCV (``cv2.imread``, ``VideoCapture.read``), ``"rgb"`` for PIL/imageio/most cameras'
+        SDKs. The model was fitted on RGB; a BGR frame taken as RGB scores wrong without any error.
+        """
+        return next(self.predict_many([image], channels))
+
+    def predict_many(self, images: Iterable, channels: Channels | None = None) -> Iterator[Inspection]:
+        """Score images lazily, in the engine's chunks (bounded memory); ``channels``: as :meth:`predict`."""
         thr = self.model.thresholds
-        for s in score_stream(self.model, list(images)):
+        items = [as_rgb(x, channels) for x in images]
+        for s in score_stream(self.model, items):
             if s.error:
                 raise DataError(s.error)
             full = mask = None
@@ -69,6 +78,19 @@ def load_for_runtime(folder: str | Path, runtime: str = "torch") -> Model | Onnx
     from .model import Model
 
     return Model.load(folder)
+
+
+def as_rgb(image, channels: Channels | None):
+    """A path as is; an array in RGB order, from its named ``channels`` (else a one-line error)."""
+    if isinstance(image, (str, Path)):
+        return image
+    if channels not in ("rgb", "bgr"):
+        raise ConfigError("predict(array) needs channels='rgb' or channels='bgr' (OpenCV frames, e.g. cv2.imread, are "
+                          f"'bgr'); got channels={channels!r}. Paths need no channels.")
+    arr = np.asarray(image)
+    if channels == "bgr" and arr.ndim == 3 and arr.shape[2] == 3:
+        return np.ascontiguousarray(arr[..., ::-1])
+    return arr  # other shapes are refused by the engine with their own message
 
 
 def load_model(folder: str | Path, runtime: Literal["torch", "onnx"] = "torch") -> Inspector:

@@ -24,8 +24,9 @@ from .calibration import Thresholds
 from .artifacts import load_backbone, save_backbone
 from .detectors import Detector, get_detector_class
 from .errors import ModelError, OutputError, PyimganoError
-from .outputs import check_writable, clean_stale, temp_path
+from .outputs import check_writable, clean_stale, temp_path, write_error
 from .postprocess import AnomalyMapPostprocess, PostprocessConfig
+from .model_doc import check_sha, read_model_json, seal
 from .reports import dumps
 
 FORMAT_VERSION = 1
@@ -65,14 +66,14 @@ class Model:
                 "meta": self.meta,
             }
             np.savez(tmp / "arrays.npz", **arrays)
-            (tmp / "model.json").write_text(dumps(doc, indent=2))
+            (tmp / "model.json").write_text(dumps(seal(json.loads(dumps(doc))), indent=2))  # its own sha256 (model_doc)
             old = temp_path(folder, ".old")
             if folder.exists():
                 os.replace(folder, old)
             os.replace(tmp, folder)
             shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
-            raise OutputError(f"Cannot save the model to {folder}: {exc.strerror or type(exc).__name__}") from None
+            raise write_error(exc, f"Cannot save the model to {folder}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return folder
@@ -84,8 +85,8 @@ class Model:
         meta_path = folder / "model.json"
         if not meta_path.is_file():
             raise ModelError(f"Not a pyimgano model folder (no model.json): {folder}")
+        doc = read_model_json(meta_path)  # schema and sha256, before any work: one line, exit 4
         try:
-            doc = json.loads(meta_path.read_text())
             if doc.get("format_version") != FORMAT_VERSION:
                 raise ModelError(f"{meta_path}: unsupported model format {doc.get('format_version')!r} (expected {FORMAT_VERSION})")
             cls_ = get_detector_class(doc["detector"])
@@ -103,6 +104,7 @@ class Model:
                                      f"backbone gives {dim}")
             post = AnomalyMapPostprocess.from_state(doc["postprocess"])
             thr = Thresholds(**doc["thresholds"]) if doc.get("thresholds") else None
+            check_sha(doc, meta_path)  # last: the more specific checks above name what is wrong
         except PyimganoError:
             raise
         except Exception as exc:  # noqa: BLE001 - any corruption of the folder

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -21,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputError
+from .errors import OutputError, ResourceError
 
 
 def _read_umask() -> int:
@@ -83,6 +84,14 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+def write_error(exc: OSError, message: str) -> OutputError | ResourceError:
+    """The one-line error for a failed write: a full disk or quota is a resource (exit 7, as the
+    README promises), anything else an output location problem (exit 2)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceError(f"{message}: no space left on the device (free some space or write elsewhere)")
+    return OutputError(f"{message}: {_describe(exc)}")
+
+
 def check_writable(folder: Path, what: str = "output folder") -> Path:
     """Create ``folder`` (and parents) and prove a file can be written there; else one line."""
     folder = Path(folder)
@@ -97,7 +106,7 @@ def check_writable(folder: Path, what: str = "output folder") -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"Cannot write the {what} {folder}: {_describe(exc)}") from None
+        raise write_error(exc, f"Cannot write the {what} {folder}") from None
     return folder
 
 
@@ -107,7 +116,7 @@ def make_dirs(folder: Path) -> None:
     except FileExistsError:
         raise OutputError(f"Cannot create folder {folder}: a file of that name is in the way") from None
     except OSError as exc:
-        raise OutputError(f"Cannot create folder {folder}: {_describe(exc)}") from None
+        raise write_error(exc, f"Cannot create folder {folder}") from None
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -121,7 +130,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"Cannot write {path}: {_describe(exc)}") from None
+        raise write_error(exc, f"Cannot write {path}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -129,24 +138,48 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 @contextlib.contextmanager
 def folder_lock(folder: Path, command: str) -> Iterator[None]:
-    """Hold ``<folder>/.pyimgano.lock`` for the duration; refuse at once if another run holds it."""
+    """Hold ``<folder>/.pyimgano.lock`` for the duration; refuse at once if another run holds it.
+
+    The lock file is removed on release (while still locked), so no file naming a dead pid stays
+    behind; a run that opened the old file just before the removal sees that its file is no
+    longer the one at the path and takes the lock on the new one.
+    """
     make_dirs(folder)
     path = folder / ".pyimgano.lock"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise OutputError(f"Cannot lock {folder}: {_describe(exc)}") from None
-    try:
+    while True:
+        fd = _open_lock(path, folder)
         try:
             _lock(fd)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
             raise OutputError(f"{folder} is being written by another run ({holder}); wait for it or use another --out") from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the holder removed it between our open and our lock: take the new one
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, {command}".encode(), 0)
         yield
     finally:
-        os.close(fd)  # closing releases the lock; the empty lock file may stay
+        with contextlib.suppress(OSError):
+            path.unlink()  # still locked: nobody can hold a lock on this file now
+        os.close(fd)  # closing releases the lock
+
+
+def _open_lock(path: Path, folder: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise OutputError(f"Cannot lock {folder}: {_describe(exc)}") from None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _lock(fd: int) -> None:

@@ -35,7 +35,9 @@ def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, color=
 def _colour_bar(height: int, vmin: float, vmax: float, marks: dict[str, float], scale: float) -> np.ndarray:
     """A vertical bar (top = vmax) with its end values and labelled marks (e.g. the threshold)."""
     bar_w = max(12, height // 30)
-    label_w = int(110 * scale) + 8
+    labels = [f"{vmax:.3g}", f"{vmin:.3g}", *(f"{name} {v:.3g}" for name, v in marks.items())]
+    thick = max(1, int(round(scale * 0.8 * 2)))
+    label_w = max(cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, scale * 0.8, thick)[0][0] for t in labels) + 12  # labels whole
     panel = np.full((height, bar_w + label_w + 8, 3), 32, np.uint8)
     ramp = np.linspace(vmax, vmin, height, dtype=np.float32)[:, None].repeat(bar_w, 1)
     panel[:, 4 : 4 + bar_w] = colorize(ramp, vmin, vmax)
@@ -70,7 +72,32 @@ def render_overlay(image_rgb: np.ndarray, amap: np.ndarray, vrange: tuple[float,
     if score is not None:
         head = f"score {score:.4g}"
         if image_threshold is not None:
-            head += f" (thr {image_threshold:.4g}) " + ("ANOMALOUS" if score >= image_threshold else "normal")
-        _text(out, head, (6, int(22 * scale) + 4), scale)
-    marks = {"thr": pixel_threshold} if pixel_threshold is not None else {}
+            head += f" (image threshold {image_threshold:.4g}) " + ("ANOMALOUS" if score >= image_threshold else "normal")
+        fit = min(scale, scale * (w - 16) / max(1, cv2.getTextSize(head, cv2.FONT_HERSHEY_SIMPLEX, scale, max(1, int(round(scale * 2))))[0][0]))
+        _text(out, head, (6, int(22 * fit) + 4), fit)  # shrunk to the image width: never cut
+    marks = {"pixel thr": pixel_threshold} if pixel_threshold is not None else {}  # map values, not image scores
     return np.hstack([out, _colour_bar(h, vmin, vmax, marks, scale)])
+
+
+def colour_bar_strip(width: int, vmin: float, vmax: float, pixel_threshold: float | None = None) -> np.ndarray:
+    """A horizontal, labelled colour bar (BGR) for a page of thumbnails drawn on [vmin, vmax]:
+    the end values and the pixel threshold (a white tick), titled with what the colours are."""
+    bar_h, pad = 18, 10
+    panel = np.full((bar_h + 56, width, 3), 255, np.uint8)
+    x0, x1 = pad, width - pad
+    ramp = np.linspace(vmin, vmax, x1 - x0, dtype=np.float32)[None, :].repeat(bar_h, 0)
+    panel[22 : 22 + bar_h, x0:x1] = colorize(ramp, vmin, vmax)
+    font, ink = cv2.FONT_HERSHEY_SIMPLEX, (0, 0, 0)
+    cv2.putText(panel, "anomaly map value (one scale for every picture of this model)", (x0, 15), font, 0.45, ink, 1, cv2.LINE_AA)
+    y = 22 + bar_h + 16
+    cv2.putText(panel, f"{vmin:.4g}", (x0, y), font, 0.45, ink, 1, cv2.LINE_AA)
+    (tw, _), _ = cv2.getTextSize(f"{vmax:.4g}", font, 0.45, 1)
+    cv2.putText(panel, f"{vmax:.4g}", (x1 - tw, y), font, 0.45, ink, 1, cv2.LINE_AA)
+    if pixel_threshold is not None and vmin <= pixel_threshold <= vmax:
+        x = int(round(x0 + (pixel_threshold - vmin) / max(vmax - vmin, 1e-12) * (x1 - x0 - 1)))
+        cv2.line(panel, (x, 20), (x, 22 + bar_h + 2), WHITE, 3)
+        cv2.line(panel, (x, 20), (x, 22 + bar_h + 2), BLACK, 1)
+        label = f"pixel threshold {pixel_threshold:.4g}"
+        (tw, _), _ = cv2.getTextSize(label, font, 0.45, 1)
+        cv2.putText(panel, label, (min(max(x - tw // 2, x0), x1 - tw), y + 16), font, 0.45, ink, 1, cv2.LINE_AA)
+    return panel

@@ -78,6 +78,11 @@ def versions() -> dict[str, str]:
     }
 
 
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Encode a BGR/grey uint8 image as PNG and write it atomically."""
+    _png(path, image)
+
+
 def _png(path: Path, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", image)
     if not ok:

@@ -26,7 +26,7 @@ from .infer import load_for_runtime
 from .optional import require
 from .reporting.html import write_page
 from .reporting.summary import write_summary_pages
-from .outputs import check_writable
+from .outputs import check_writable, folder_lock
 from .reports import write_json
 from .shards import export_on, shard_folder
 
@@ -79,12 +79,23 @@ def _load_model(cfg: ExperimentConfig, model_arg: Path, category: str, runtime: 
     # A saved model is used as fitted: refuse, rather than silently ignore, a config that differs.
     saved, asked = _dotted(_saved_params(model)), _dotted(cfg.detector.params)
     diff = sorted(k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k))
+    if "weights" in diff and _same_weights(model, asked.get("weights")):
+        diff.remove("weights")  # another spelling (absolute, ../shared/...) of the same tensors
     if diff:
         raise ModelError(f"{folder}: saved with other detector.params ({', '.join(f'{k}={saved.get(k)!r}' for k in diff[:4])}) "
                          "than the config; refit with 'pyimgano fit' or use the same settings")
     if model.postprocess.config != cfg.postprocess:
         raise ModelError(f"{folder}: saved with another 'postprocess' section than the config; refit or use the same settings")
     return model
+
+
+def _same_weights(model, weights) -> bool:
+    """The config's weights give the saved backbone's tensors (sha256 of the tensors, not the path)."""
+    if getattr(model.detector, "embedder", None) is None:
+        return False  # the ONNX runtime's detector: no tensors to compare
+    from .artifacts import same_backbone
+
+    return same_backbone(model.detector, weights)
 
 
 def _summary(cfg: ExperimentConfig, command: str, done: dict, status: str, error: str | None, t0: float) -> dict:
@@ -204,7 +215,9 @@ def fit_run(cfg: ExperimentConfig, out_root: Path | None = None, progress: Progr
     jobs = category_jobs(cfg, fit_category, out)
     for job in jobs:
         check_target(out / job.name / "model")
-    return _loop(cfg, out, "fit", jobs, executor, progress)
+    check_writable(out, "run folder")
+    with folder_lock(out, "fit"):  # one fit per run folder at a time, as export-maps per output folder
+        return _loop(cfg, out, "fit", jobs, executor, progress)
 
 
 def eval_run(cfg: ExperimentConfig, out_root: Path | None = None, model_arg: Path | None = None,
@@ -222,6 +235,8 @@ def eval_run(cfg: ExperimentConfig, out_root: Path | None = None, model_arg: Pat
 
 
 def list_images(folder: Path) -> list[Path]:
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"--input must be a folder of images; {folder} is a file (put it in a folder of its own)")
     if not folder.is_dir():
         raise DataError(f"Input folder not found: {folder}")
     images = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
@@ -245,6 +260,8 @@ def export_run(cfg: ExperimentConfig, out_root: Path | None = None, model_arg: P
     if runtime == "onnx" and model_arg is None:
         raise ConfigError(f"--runtime {runtime} needs --model (a model folder exported with 'pyimgano export-onnx')")
     images = list_images(Path(input_dir)) if input_dir is not None else None
+    if images is not None:
+        check_not_inside(out, Path(input_dir))
     if images is not None and model_arg is not None:
         return export_folder_run(model_arg, input_dir, out_root or cfg.output.root, progress, runtime, cfg.name, executor, shard)
     splits = load_splits(cfg.dataset)
@@ -284,12 +301,22 @@ def export_folder_run(model_arg: Path, input_dir: Path, out_root: Path | None = 
     name = name or model.meta.get("name") or "export"
     category = model.meta.get("category") or "input"
     out = Path(out_root or "reports") / name
+    check_not_inside(out / category / "export", Path(input_dir))
     check_writable(out / category / "export")
     summary = export_on(executor or LocalExecutor(), model, images, out / category / "export", progress, Path(input_dir),
                         shard, folder, runtime)
     result = {"name": name, "command": "export-maps", "status": "ok", "model": str(folder), "categories": {category: summary}}
-    write_json(out / _summary_name(shard), result)
+    if summary.get("n_scored"):  # a run that scores nothing changes nothing
+        write_json(out / _summary_name(shard), result)
     return result
+
+
+def check_not_inside(out: Path, input_dir: Path) -> None:
+    """Refuse an output folder inside the input folder: the next run would score our own overlays."""
+    o, i = Path(out).resolve(), Path(input_dir).resolve()
+    if o == i or i in o.parents:
+        raise ConfigError(f"--out {out} is inside --input {input_dir}: the next run would score its own overlays and masks; "
+                          "write the outputs outside the input folder")
 
 
 def _single_model(model_arg: Path) -> Path:

@@ -21,14 +21,15 @@ import datetime as _dt
 import io
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError, ModelError
+from ..model_doc import seal
 from ..optional import require
+from ..outputs import write_bytes_atomic
 from .onnx_runtime import INPUT_NAME, OUTPUT_NAMES, build_onnx_model, read_doc, session_from_bytes, sha256_bytes
 from .support import SUPPORTED, unsupported
 from ..data.io import image_size
@@ -195,15 +196,8 @@ def _onnx_bytes(graph, input_hw: tuple[int, int], opset: int) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Temp file + rename, with the umask's permissions like every other output (not mkstemp's 0600)."""
+    write_bytes_atomic(path, data)
 
 
 def export_onnx(folder: str | Path, out: str | Path | None = None, opset: int = DEFAULT_OPSET) -> dict:
@@ -247,5 +241,5 @@ def export_onnx(folder: str | Path, out: str | Path | None = None, opset: int = 
                          f"(abs {parity['max_map_abs_diff']:.3g}); nothing written")
     _write_atomic(out, data)
     doc["onnx"] = info
-    _write_atomic(folder / "model.json", json.dumps(doc, indent=2).encode())
+    _write_atomic(folder / "model.json", json.dumps(seal(doc), indent=2).encode())  # its sha256 covers the onnx section
     return info

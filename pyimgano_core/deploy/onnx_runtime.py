@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..calibration import Thresholds
+from ..model_doc import check_sha, read_model_json
 from ..errors import DataError, ModelError
 from ..features.geometry import Geometry
 from ..optional import require
@@ -125,10 +126,7 @@ def read_doc(folder: str | Path) -> dict:
     meta_path = Path(folder) / "model.json"
     if not meta_path.is_file():
         raise ModelError(f"Not a pyimgano model folder (no model.json): {folder}")
-    try:
-        return json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{meta_path}: unreadable model.json ({exc})") from None
+    return read_model_json(meta_path)  # schema and sha256 (model_doc)
 
 
 def session_from_bytes(data: bytes, threads: int | None = None):
@@ -174,6 +172,7 @@ def load_onnx_model(folder: str | Path, threads: int | None = None) -> OnnxModel
     if digest != info.get("sha256"):
         raise ModelError(f"{path}: sha256 {digest[:12]}... does not match {str(info.get('sha256'))[:12]}... recorded in "
                          f"model.json: the graph was changed after export; refusing it (run pyimgano export-onnx again)")
+    check_sha(doc, folder / "model.json")
     try:
         return build_onnx_model(doc, info, session_from_bytes(data, threads))
     except (KeyError, TypeError, ValueError) as exc:

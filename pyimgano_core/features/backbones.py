@@ -8,6 +8,8 @@ file, which is read with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import warnings
+
 import difflib
 from pathlib import Path
 
@@ -53,12 +55,14 @@ def build_torchvision_model(name: str, weights: str | None) -> nn.Module:
             raise ModelError(f"Backbone weights file not found: {path}")
         model = torchvision.models.get_model(name, weights=None)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the unpickler's protocol notes: the one line below says it
+                state = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and "state_dict" in state:
                 state = state["state_dict"]
             model.load_state_dict(state)
         except Exception as exc:  # noqa: BLE001 - any failure means "not a checkpoint of this model"
-            raise ModelError(f"Cannot load {path} into {name}: {str(exc).splitlines()[0]}") from None
+            raise ModelError(f"Cannot load {path} into {name}: {load_failure(exc)}") from None
         return model
     try:
         enum = torchvision.models.get_model_weights(name)
@@ -135,3 +139,13 @@ class FeatureExtractor(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = self.body(((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
         return [out[k].contiguous() for k in self.layers]
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why a weights file did not load, in our words: torch's unpickler advises re-running with
+    ``weights_only=False`` (running code from the file); we never do and never suggest it."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, RuntimeError) and "weights_only" not in text and type(exc).__name__ != "UnpicklingError":
+        return text  # load_state_dict: missing / unexpected keys, size mismatches
+    return (f"not a checkpoint of plain tensors ({type(exc).__name__}); weights are read as tensors only "
+            "(torch.load with weights_only=True), never as pickled code")

@@ -10,7 +10,10 @@ so ``pyimgano report`` can rebuild the page from saved files alone.
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from .curves import PixelCurves, image_curves
 THUMB = 192  # longest side of each panel, pixels
 N_WORST = 6  # cases per group
 ASSETS = "report_assets"
+COLOUR_BAR = "colour_bar.png"
 
 
 def _thumb(a: np.ndarray, interpolation: int) -> np.ndarray:
@@ -63,24 +67,34 @@ class ReportCollector:
         self.seconds += time.perf_counter() - t0
 
     def finish(self, samples, labels: np.ndarray, scores: np.ndarray, out_dir: Path,
-               vrange: tuple[float, float] | None) -> dict:
+               vrange: tuple[float, float] | None, pixel_threshold: float | None = None) -> dict:
         """Curves and worst cases for report.json; the cases' PNGs go to ``out_dir/report_assets``."""
         t0 = time.perf_counter()
         pixel, per_image_pro = self.pixel.finish()
         curves = {"image": image_curves(labels, scores), "pixel": pixel,
                   "how": "exact points (score >= threshold), downsampled along the curve; pixel thresholds on a "
                          "float32 grid of relative step 2^-11; PRO linearly interpolated at the FPR limit"}
-        if vrange is None:
-            vrange = (self.pixel.lo, self.pixel.hi) if np.isfinite(self.pixel.lo) else (0.0, 1.0)
         good = [i for i in np.argsort(-scores, kind="stable") if labels[i] == 0][:N_WORST]
         bad = [i for i in np.argsort(scores, kind="stable") if labels[i] == 1][:N_WORST]
         pro_order = sorted(per_image_pro, key=lambda i: (per_image_pro[i], i))[:N_WORST]
         groups = {"highest_scoring_good": good, "lowest_scoring_defective": bad, "worst_localised": pro_order}
-        assets = out_dir / ASSETS
-        assets.mkdir(parents=True, exist_ok=True)
-        for old in assets.glob("*.png"):
-            old.unlink()
         worst = {}
+        model_range = vrange is not None
+        if vrange is None:
+            vrange = (self.pixel.lo, self.pixel.hi) if np.isfinite(self.pixel.lo) else (0.0, 1.0)
+        with new_assets(out_dir / ASSETS) as assets:  # all or nothing: a full disk leaves the old folder
+            self._write_groups(groups, samples, scores, per_image_pro, assets, vrange, worst)
+            _write_colour_bar(assets / COLOUR_BAR, vrange, pixel_threshold)
+        worst["colour_range"] = [float(vrange[0]), float(vrange[1])]
+        worst["colour_range_from"] = "the model's display range (as its overlays)" if model_range else "this test set's maps"
+        worst["colour_bar"] = f"{ASSETS}/{COLOUR_BAR}"
+        worst["pixel_threshold"] = pixel_threshold
+        worst["per_image_aupro"] = ("PRO of the image's own defect regions against the FPR over all defect-free "
+                                    "test pixels, to the FPR limit, normalised (the pooled AUPRO averages these)")
+        self.seconds += time.perf_counter() - t0
+        return {"curves": curves, "worst_cases": worst}
+
+    def _write_groups(self, groups, samples, scores, per_image_pro, assets: Path, vrange, worst: dict) -> None:
         for group, picks in groups.items():
             rows = []
             for rank, i in enumerate(picks):
@@ -93,11 +107,36 @@ class ReportCollector:
                     row["image"] = f"{ASSETS}/{name}"
                 rows.append(row)
             worst[group] = rows
-        worst["colour_range"] = [float(vrange[0]), float(vrange[1])]
-        worst["per_image_aupro"] = ("PRO of the image's own defect regions against the FPR over all defect-free "
-                                    "test pixels, to the FPR limit, normalised (the pooled AUPRO averages these)")
-        self.seconds += time.perf_counter() - t0
-        return {"curves": curves, "worst_cases": worst}
+
+
+@contextlib.contextmanager
+def new_assets(folder: Path):
+    """A fresh temp folder to fill, renamed over ``folder`` only when complete (else removed)."""
+    from ..outputs import check_writable, clean_stale, temp_path, write_error
+
+    check_writable(folder.parent, "report folder")
+    clean_stale(folder.parent, folder.name)
+    tmp, old = temp_path(folder), temp_path(folder, ".old")
+    try:
+        tmp.mkdir()
+        yield tmp
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        if old.exists() and not folder.exists():
+            os.replace(old, folder)  # put the earlier assets back
+        raise write_error(exc, f"Cannot write {folder}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_colour_bar(path: Path, vrange: tuple[float, float], pixel_threshold: float | None) -> None:
+    from ..overlay import colour_bar_strip
+    from ..reports import write_png
+
+    write_png(path, colour_bar_strip(2 * THUMB + 4, float(vrange[0]), float(vrange[1]), pixel_threshold))
 
 
 def _write_case(path: Path, image_path, thumb: tuple, vrange: tuple[float, float]) -> None:

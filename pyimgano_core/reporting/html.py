@@ -83,9 +83,17 @@ def _worst(cat_dir: Path, report: dict) -> str:
     worst = report.get("worst_cases")
     if not worst:
         return '<p class="note">No worst cases recorded in this report.</p>'
+    thr = (report.get("decisions") or {}).get("thresholds") or {}
+    image_thr = thr.get("image")
     parts = [f'<p class="note">Left: image with the ground-truth contour (green); right: anomaly map over the image, '
-             f'colour range {worst["colour_range"][0]:.4g} (blue) to {worst["colour_range"][1]:.4g} (red). '
-             f'Per-image AUPRO: {escape(worst["per_image_aupro"])}.</p>']
+             f'colour range {worst["colour_range"][0]:.4g} (blue) to {worst["colour_range"][1]:.4g} (red), '
+             f'{escape(worst.get("colour_range_from", ""))}'
+             + (f'; pixel threshold {worst["pixel_threshold"]:.4g} on the bar' if worst.get("pixel_threshold") is not None else "")
+             + (f'; image threshold {image_thr:.4g} for the scores below' if image_thr is not None else "")
+             + f'. Per-image AUPRO: {escape(worst["per_image_aupro"])}.</p>']
+    bar = worst.get("colour_bar")
+    if bar and (cat_dir / bar).is_file():
+        parts.append(f'<p><img class="colour-bar" src="{_b64((cat_dir / bar).read_bytes())}" alt="colour bar: anomaly map value"></p>')
     for key, title in GROUPS:
         rows = worst.get(key) or []
         parts.append(f"<h3>{escape(title)}</h3>")
@@ -94,7 +102,8 @@ def _worst(cat_dir: Path, report: dict) -> str:
             continue
         tiles = []
         for r in rows:
-            caption = f"{escape(r['defect_type'])} · score {r['score']:.4g}" + (
+            decision = "" if image_thr is None else (" (above image threshold)" if r["score"] >= image_thr else " (below image threshold)")
+            caption = f"{escape(r['defect_type'])} · score {r['score']:.4g}{decision}" + (
                 f" · AUPRO {r['aupro']:.3f}" if r.get("aupro") is not None else "")
             picture = ""
             if r.get("image") and (cat_dir / r["image"]).is_file():
@@ -105,8 +114,27 @@ def _worst(cat_dir: Path, report: dict) -> str:
 
 
 def _kv_table(d: dict) -> str:
-    return "<table>" + "".join(f"<tr><td>{escape(str(k))}</td><td style='text-align:left'>{escape(str(v))}</td></tr>"
+    return "<table>" + "".join(f"<tr><td>{escape(str(k))}</td><td style='text-align:left'>{escape(readable(k, v))}</td></tr>"
                                for k, v in d.items() if v is not None) + "</table>"
+
+
+def readable(key: str, value) -> str:
+    """A protocol value as a sentence fragment, never a raw Python dict or list."""
+    if key == "model_input" and isinstance(value, dict):
+        size, crop, multiple = value.get("size"), value.get("crop"), value.get("multiple")
+        how = {"squash": "resized to", "shorter_side": "shorter side resized to"}.get(value.get("mode"), f"{value.get('mode')} to")
+        text = f"{how} {_pair(size)}" if size is not None else "original size"
+        text += f", centre crop {_pair(crop)}" if crop else ", no crop (the whole image)"
+        return text + (f", sides cropped to multiples of {multiple}" if multiple else "")
+    if isinstance(value, dict):
+        return "; ".join(f"{k.replace('_', ' ')}: {readable(k, v)}" for k, v in value.items() if v is not None)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(readable(key, v) for v in value)
+    return str(value)
+
+
+def _pair(v) -> str:
+    return f"{v[0]}x{v[1]}" if isinstance(v, (list, tuple)) and len(v) == 2 else (f"{v}x{v}" if isinstance(v, int) else str(v))
 
 
 def render(cat_dir: Path) -> str:
