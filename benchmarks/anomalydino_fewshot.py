@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from pyimgano_core.config import load_config
-from pyimgano_core.reports import versions, write_json
+from pyimgano_core.outputs.files import write_json
+from pyimgano_core.outputs.report.versions import versions
 from pyimgano_core.runs import eval_run
 
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")

@@ -37,7 +37,7 @@ from pyimgano_core.engine import build_model
 from pyimgano_core.execution import LocalExecutor, RayExecutor, pinned_threads
 from pyimgano_core.runs import METRIC_KEYS, category_jobs, eval_category, export_run
 from pyimgano_core.data import load_splits
-from pyimgano_core.reports import write_json
+from pyimgano_core.outputs.files import write_json
 
 CONFIGS = ("configs/mvtec_patchcore_mobilenet.yaml", "configs/magnetic_tile_patchcore.yaml")
 

@@ -32,7 +32,7 @@ from pyimgano_core.data import load_splits
 from pyimgano_core.data.io import read_mask
 from pyimgano_core.data.types import Split
 from pyimgano_core.engine import build_model, evaluate_split
-from pyimgano_core.reports import write_json
+from pyimgano_core.outputs.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"patchcore": "configs/mvtec_patchcore_mobilenet.yaml", "softpatch": "configs/mvtec_softpatch_mobilenet.yaml"}

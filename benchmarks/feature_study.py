@@ -55,7 +55,7 @@ from pyimgano_core.data.types import Split
 from pyimgano_core.detectors import patchcore as pc
 from pyimgano_core.detectors.patchknn import aggregate
 from pyimgano_core.engine import build_model, evaluate_split
-from pyimgano_core.reports import write_json
+from pyimgano_core.outputs.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 # Magnetic-tile: the whole test set, but the fit on 250 of the training images (seeded draw, stated in

@@ -33,7 +33,8 @@ import torch
 from pyimgano_core.config import load_config
 from pyimgano_core.data import load_splits
 from pyimgano_core.engine import build_model, evaluate_split
-from pyimgano_core.reports import versions, write_json
+from pyimgano_core.outputs.files import write_json
+from pyimgano_core.outputs.report.versions import versions
 
 ROOT = Path(__file__).resolve().parents[1]
 NOISY = ["dataset.contamination.ratio=0.1", "dataset.contamination.seed=0", "dataset.contamination.overlap=false"]

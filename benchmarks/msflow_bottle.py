@@ -31,7 +31,7 @@ from pyimgano_core.detectors import create_detector
 from pyimgano_core.engine import evaluate_split
 from pyimgano_core.model import Model
 from pyimgano_core.postprocess import AnomalyMapPostprocess
-from pyimgano_core.reports import write_json
+from pyimgano_core.outputs.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("image_auroc", "pixel_auroc", "aupro")

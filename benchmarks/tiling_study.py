@@ -175,7 +175,7 @@ def main() -> None:
 
 
 def write(path: Path, rows: list[dict]) -> None:
-    from pyimgano_core.reports import versions
+    from pyimgano_core.outputs.report.versions import versions
 
     note = ("Shared 2-core machine (`nice -n 19`, other engineers' jobs and the lead's benchmarks running): times "
             "are noisy, compare within the table. Pixel metrics at the original mask resolution, AUPRO to FPR 0.3. "

@@ -222,7 +222,7 @@ def eval_(config: Path, model: Optional[Path] = typer.Option(None, "--model", me
                                                    "exit code 6 if any category falls short (reports are still written)."),
           ray: Optional[str] = RayOpt, resume: bool = ResumeOpt) -> None:
     """Fit (or load) and evaluate: metrics overall and per defect in report.json, and report.html."""
-    from pyimgano_core.reporting.gates import check_gates, parse_gates
+    from pyimgano_core.outputs.report.gates import check_gates, parse_gates
 
     gates = _guard(lambda: parse_gates(fail_under))
 
@@ -239,7 +239,7 @@ def eval_(config: Path, model: Optional[Path] = typer.Option(None, "--model", me
     for line in failures:
         err.print(f"[bold red]gate failed:[/] {escape(line)}", highlight=False, soft_wrap=True)
     if failures:
-        from pyimgano_core.reporting import GATE_EXIT_CODE
+        from pyimgano_core.outputs.report import GATE_EXIT_CODE
 
         raise typer.Exit(GATE_EXIT_CODE)
 
@@ -247,7 +247,7 @@ def eval_(config: Path, model: Optional[Path] = typer.Option(None, "--model", me
 @app.command()
 def report(run_dir: Path) -> None:
     """Rebuild report.html (and a run's index.html, summary.md) from the saved files of an eval."""
-    from pyimgano_core.reporting.rebuild import rebuild
+    from pyimgano_core.outputs.report.rebuild import rebuild
 
     pages = _guard(lambda: rebuild(run_dir))
     for page in pages:
@@ -258,8 +258,8 @@ def report(run_dir: Path) -> None:
 def compare(run_a: Path, run_b: Path, tolerance: float = typer.Option(0.005, "--tolerance", min=0.0,
             help="A drop of more than this (B - A < -tolerance) is a regression."), as_json: bool = JsonOpt) -> None:
     """Metric differences B - A per category; exit code 6 when B regressed beyond the tolerance."""
-    from pyimgano_core.reporting import GATE_EXIT_CODE, METRIC_NAMES
-    from pyimgano_core.reporting.compare import compare_runs
+    from pyimgano_core.outputs.report import GATE_EXIT_CODE, METRIC_NAMES
+    from pyimgano_core.outputs.report.compare import compare_runs
 
     result = _guard(lambda: compare_runs(run_a, run_b, tolerance))
     if as_json:
@@ -292,12 +292,13 @@ def export_maps(config: Optional[Path] = typer.Argument(None, metavar="CONFIG", 
                                                     help="Score only shard I (0-based) of N of the sorted image list.")) -> None:
     """Write heatmap overlays, raw maps, defect masks and predictions.jsonl."""
     def body():
-        from pyimgano_core.shards import parse_shard
-
-        part = parse_shard(shard) if shard is not None else None
+        _check_out(out_root)  # cheap checks first: the shards and runs modules load the engine
         if config is not None:
             cfg = _load(config, set_, out_root)
             from pyimgano_core.runs import export_run  # heavy (the engine): after the config passed
+            from pyimgano_core.shards import parse_shard
+
+            part = parse_shard(shard) if shard is not None else None
 
             return _with_executor(cfg.execution, ray, lambda ex: export_run(cfg, model_arg=model, input_dir=input_dir,
                                   progress=_progress(quiet, as_json), runtime=runtime, executor=ex, shard=part))
@@ -305,11 +306,13 @@ def export_maps(config: Optional[Path] = typer.Argument(None, metavar="CONFIG", 
 
         if model is None or input_dir is None or set_:
             raise ConfigError("export-maps without a config needs --model and --input (and takes no --set)")
-        _check_out(out_root)
         if runtime not in ("torch", "onnx"):
             raise ConfigError(f"--runtime must be torch or onnx, got {runtime!r}")
         # no config: nothing imports torch on the onnx runtime (inspection servers)
         from pyimgano_core.runs import export_folder_run
+        from pyimgano_core.shards import parse_shard
+
+        part = parse_shard(shard) if shard is not None else None
 
         return _with_executor(None, ray, lambda ex: export_folder_run(model, input_dir, out_root, _progress(quiet, as_json),
                                                                       runtime, executor=ex, shard=part))

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
+from .config import ExperimentConfig
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 COMMAND = "python -m pyimgano_core.config_docs"
@@ -268,8 +269,7 @@ def _render_table(table: Table, level: int) -> list[str]:
 
 def render() -> str:
     """The whole reference as Markdown (the content of docs/config.md)."""
-    from .config import ExperimentConfig
-    from .detectors import get_detector_class, list_detectors
+    from .detectors import get_detector_class, list_detectors  # torch: only when the reference is rendered
 
     names = list_detectors()
     groups: dict[type, list[str]] = {}

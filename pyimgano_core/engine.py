@@ -3,9 +3,10 @@
     build_model:    split.train -> (holdout) -> detector.fit -> calibration -> Model
     score_stream:   images -> detector.predict in chunks -> maps back to original geometry
                     -> post-processing  (one pass per image; bounded memory)
-    evaluate_split: score_stream over split.test -> metrics overall and per defect -> report
+    evaluate_split: score the test split -> metrics overall and per defect -> decisions -> report
     export_images:  score_stream over any images -> PNG/NPY maps, masks, predictions.jsonl
-                    (export.py: the writing side, on a writer pool)
+
+Writing is the outputs package's (outputs/): the engine decides what, outputs write it.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import resource
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from . import metrics as M
 from .calibration import fit_thresholds, split_holdout
+from .config import ExperimentConfig, MetricsConfig, config_hash
 from .data.io import read_image, read_mask
 from .data.shots import describe_shots, select_shots
 from .data.types import Split
@@ -29,16 +31,18 @@ from .errors import ConfigError, DataError
 from .execution import current_threads
 from .features.geometry import map_to_original
 from .metrics_stream import PixelMetricStream
-from .reports import versions, write_json, write_jsonl
+from .outputs.files import check_writable, folder_lock, write_json, write_jsonl
+from .outputs.pictures import display_range, record_display_range, save_eval_maps
+from .outputs.predictions import ExportWriter
+from .outputs.report.collect import ReportCollector
+from .outputs.report.versions import versions
 from .postprocess import AnomalyMapPostprocess
 
 if TYPE_CHECKING:  # importing the engine must not import torch (the ONNX runtime scores through it)
-    from .config import ExperimentConfig
     from .model import Model
 
 CHUNK = 16  # images per predict call: bounds memory, gives progress ticks
 DECODE_WORKERS = 4  # threads decoding the next chunk while the model runs on this one
-WRITERS = 2  # threads encoding and writing export files
 
 
 class Progress(Protocol):
@@ -126,8 +130,6 @@ def build_model(cfg: ExperimentConfig, split: Split, progress: Progress | None =
         sample = fit_samples[:: max(1, len(fit_samples) // 8)][:8]
         raw = [r for r in score_stream(model, [s.path for s in sample], progress, f"[{split.name}] display scale", raw=True)
                if r.amap is not None and not r.error]
-        from .export import record_display_range
-
         record_display_range(model, [model.postprocess.transform(r.amap) for r in raw],
                              f"{len(raw)} training images (they are in the memory bank, so the scale is biased low; calibrate for a fair one)")
     return model, timing
@@ -234,140 +236,174 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, pixels: PixelMetricS
     return out
 
 
-def _decision_metrics(model: Model, labels, scores, defects, pixels: PixelMetricStream | None, pixel_counts) -> dict:
-    """Image/pixel decisions at the calibrated thresholds, next to the oracle F1-max."""
+# ---------------------------------------------------------------------------------- evaluation
+def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: Path, progress: Progress | None = None,
+                   fit_timing: dict | None = None) -> dict:
+    """Score ``split.test`` once, then metrics -> decisions -> report, written to ``out_dir``.
+
+    Maps are not kept in memory: each goes once to a temporary spill file (removed on any exit)
+    and the exact pixel metrics are computed from it in a second pass (metrics_stream)."""
+    t_start = time.perf_counter()
+    labels = np.array([x.label for x in split.test])
+    defects = np.array([x.defect_type for x in split.test])
+    with PixelMetricStream() as pixels:
+        collector = ReportCollector(cfg.metrics.aupro_fpr_limit)  # curves + worst cases for the report
+        scored = score_test(split, model, cfg.metrics, pixels, collector, progress)
+        t0 = time.perf_counter()
+        metrics, per_defect = split_metrics(labels, defects, scored.scores, pixels, cfg.metrics)
+        decisions = decide(model, labels, defects, scored, pixels) if model.thresholds else None
+        metrics_s = time.perf_counter() - t0
+        pages = collector.finish(split.test, labels, scored.scores, out_dir, display_range(model),
+                                 model.thresholds.pixel if model.thresholds is not None else None)
+        maps = None
+        if cfg.output.save_maps and scored.owners:
+            maps = save_eval_maps(model, split.test, scored.owners, scored.regions, pixels.read, scored.value_range,
+                                  out_dir / "maps")
+    timing = dict(fit_timing or {})
+    timing.update(predict_s=scored.seconds, predict_s_per_image=scored.seconds / max(len(labels), 1), metrics_s=metrics_s,
+                  predict_detail=scored.detail, report_collect_s=collector.seconds)
+    timing["total_s"] = timing.get("fit_s", 0.0) + timing.get("calibration_s", 0.0) + time.perf_counter() - t_start
+    timing["peak_rss_mb"] = peak_rss_mb()
+    report = build_report(cfg, split, model, scored, metrics, per_defect, decisions, timing)
+    report.update(maps=maps, **pages)  # curves (ROC/PR/PRO points) and worst cases, read by outputs.report.html
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "predictions.jsonl", (
+        {"path": str(x.path), "label": x.label, "defect_type": x.defect_type, "score": float(scored.scores[i]),
+         **({"is_anomalous": bool(scored.scores[i] >= model.thresholds.image)} if model.thresholds else {})}
+        for i, x in enumerate(split.test)))
+    write_json(out_dir / "report.json", report)
+    return report
+
+
+@dataclass
+class ScoredTest:
+    """What one pass over the test split gives the later steps (no map is kept: they are in ``pixels``)."""
+
+    scores: np.ndarray  # [N], test order
+    owners: list[int] = field(default_factory=list)  # test images whose maps went to the pixel metrics, in order
+    regions: list = field(default_factory=list)  # (region, original hw) of each
+    covered: list[float] = field(default_factory=list)  # share of each image the model sees
+    counts: dict | None = None  # pixel decisions at the threshold: tp, fp, fn, tn
+    value_range: tuple[float, float] = (np.inf, -np.inf)  # of the evaluated maps
+    seconds: float = 0.0
+    detail: dict = field(default_factory=dict)  # decode / embed / search / maps seconds
+
+
+def score_test(split: Split, model: Model, opts: MetricsConfig, pixels: PixelMetricStream, collector: ReportCollector,
+               progress: Progress | None = None) -> ScoredTest:
+    """Step 1: score every test image once; stream its map with its mask to the pixel metrics."""
+    samples = split.test
+    out = ScoredTest(np.full(len(samples), np.nan, dtype=np.float64))
+    thr_pixel = model.thresholds.pixel if model.thresholds else None
+    out.counts = dict(tp=0, fp=0, fn=0, tn=0) if thr_pixel is not None else None
+    lo, hi = np.inf, -np.inf
+    t0 = time.perf_counter()
+    for s in score_stream(model, [x.path for x in samples], progress, f"[{split.name}] scoring {len(samples)} test images",
+                          timing=out.detail):
+        if s.error:
+            raise DataError(s.error)
+        sample = samples[s.index]
+        out.scores[s.index] = s.score
+        if s.amap is None or not opts.pixel or not sample.has_pixel_gt:
+            collector.add(s.index, sample.label, s.score, s.amap, None, s.region)
+            continue
+        out.covered.append(s.amap.size / (s.orig_hw[0] * s.orig_hw[1]))
+        gt = _ground_truth(sample, s, split.mask_threshold)
+        amap = s.amap
+        if opts.resolution != "original":
+            gt, amap = _downscale(gt, amap, int(opts.resolution))
+        pixels.add(gt, amap, sample.defect_type)
+        lo, hi = min(lo, float(amap.min())), max(hi, float(amap.max()))
+        if out.counts is not None:
+            for k, v in M.binary_stats(gt, model.postprocess.binarize(amap, thr_pixel)).items():
+                if k in out.counts:
+                    out.counts[k] += v
+        out.owners.append(s.index)
+        out.regions.append((s.region, s.orig_hw))
+        collector.add(s.index, sample.label, s.score, amap, gt, s.region)
+    out.value_range, out.seconds = (lo, hi), time.perf_counter() - t0
+    return out
+
+
+def _ground_truth(sample, s: Scored, mask_threshold: int) -> np.ndarray:
+    """The sample's mask over the model's view of the image (all-normal when it has none)."""
+    if sample.mask_path is None:
+        return np.zeros(s.amap.shape, dtype=bool)
+    full = read_mask(sample.mask_path, mask_threshold)
+    if full.shape != s.orig_hw:
+        raise DataError(f"mask {sample.mask_path} is {full.shape[1]}x{full.shape[0]} but image {sample.path} is "
+                        f"{s.orig_hw[1]}x{s.orig_hw[0]}")
+    return full[s.region]
+
+
+def split_metrics(labels: np.ndarray, defects: np.ndarray, scores: np.ndarray, pixels: PixelMetricStream,
+                  opts: MetricsConfig) -> tuple[dict, dict]:
+    """Step 2: metrics over the whole test split, and per defect type (that type + the good images)."""
+    metrics = compute_metrics(labels, scores, pixels, opts.aupro_fpr_limit)
+    per_defect = {}
+    if opts.per_defect:
+        for d in sorted(set(defects.tolist()) - {"good"}):
+            sel = (defects == "good") | (defects == d)
+            per_defect[d] = {"n": int((defects == d).sum()),
+                             **compute_metrics(labels[sel], scores[sel], pixels, opts.aupro_fpr_limit, {"good", d})}
+    return metrics, per_defect
+
+
+def decide(model: Model, labels: np.ndarray, defects: np.ndarray, scored: ScoredTest, pixels: PixelMetricStream) -> dict:
+    """Step 3: image and pixel decisions at the calibrated thresholds, next to the oracle F1-max."""
     thr = model.thresholds
-    pred = scores >= thr.image
+    pred = scored.scores >= thr.image
     out = {"thresholds": thr.to_dict(), "image": M.binary_stats(labels, pred)}
     good = defects == "good"
     out["image"]["test_good_fpr"] = float(pred[good].mean()) if good.any() else None
-    if pixel_counts is not None:
-        out["pixel"] = M.stats_from_counts(**pixel_counts)
-    oracle = {"image_f1_max": _safe(lambda: M.f1_max(labels, scores)[0])}
-    if pixels is not None and len(pixels):
+    if scored.counts is not None and scored.owners:
+        out["pixel"] = M.stats_from_counts(**scored.counts)
+    oracle = {"image_f1_max": _safe(lambda: M.f1_max(labels, scored.scores)[0])}
+    if len(pixels):
         oracle["pixel_f1_max"] = _safe(lambda: pixels.f1_max()[0])
     out["oracle_f1_max_NOT_a_deployable_threshold"] = oracle
     return out
 
 
-# ---------------------------------------------------------------------------------- evaluation
-def evaluate_split(cfg: ExperimentConfig, split: Split, model: Model, out_dir: Path, progress: Progress | None = None,
-                   fit_timing: dict | None = None) -> dict:
-    """Score ``split.test`` once, compute metrics overall and per defect type, write the report.
-
-    Maps are not kept in memory: each goes once to a temporary spill file (removed on any exit)
-    and the exact pixel metrics are computed from it in a second pass (metrics_stream)."""
-    with PixelMetricStream() as pixels:
-        return _evaluate(cfg, split, model, out_dir, progress, fit_timing, pixels)
-
-
-def _evaluate(cfg, split, model, out_dir, progress, fit_timing, pixels: PixelMetricStream) -> dict:
-    from .config import config_hash
-    from .reporting.collect import ReportCollector
-
-    t_start = time.perf_counter()
-    collector = ReportCollector(cfg.metrics.aupro_fpr_limit)  # curves + worst cases for the report
-    samples = split.test
-    n = len(samples)
-    scores = np.full(n, np.nan, dtype=np.float64)
-    pix_owner, pix_region, covered, detail = [], [], [], {}
-    thr_pixel = model.thresholds.pixel if model.thresholds else None
-    counts = dict(tp=0, fp=0, fn=0, tn=0) if thr_pixel is not None else None
-    lo, hi = np.inf, -np.inf
-    t0 = time.perf_counter()
-    for s in score_stream(model, [x.path for x in samples], progress, f"[{split.name}] scoring {n} test images", timing=detail):
-        if s.error:
-            raise DataError(s.error)
-        sample = samples[s.index]
-        scores[s.index] = s.score
-        if s.amap is None or not cfg.metrics.pixel or not sample.has_pixel_gt:
-            collector.add(s.index, sample.label, s.score, s.amap, None, s.region)
-            continue
-        covered.append(s.amap.size / (s.orig_hw[0] * s.orig_hw[1]))
-        if sample.mask_path is None:
-            gt = np.zeros(s.amap.shape, dtype=bool)
-        else:
-            full = read_mask(sample.mask_path, split.mask_threshold)
-            if full.shape != s.orig_hw:
-                raise DataError(f"mask {sample.mask_path} is {full.shape[1]}x{full.shape[0]} but image {sample.path} is {s.orig_hw[1]}x{s.orig_hw[0]}")
-            gt = full[s.region]
-        amap = s.amap
-        if cfg.metrics.resolution != "original":
-            gt, amap = _downscale(gt, amap, int(cfg.metrics.resolution))
-        pixels.add(gt, amap, sample.defect_type)
-        lo, hi = min(lo, float(amap.min())), max(hi, float(amap.max()))
-        if counts is not None:
-            for k, v in M.binary_stats(gt, model.postprocess.binarize(amap, thr_pixel)).items():
-                if k in counts:
-                    counts[k] += v
-        pix_owner.append(s.index)
-        pix_region.append((s.region, s.orig_hw))
-        collector.add(s.index, sample.label, s.score, amap, gt, s.region)
-    predict_s = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    labels = np.array([x.label for x in samples])
-    defects = np.array([x.defect_type for x in samples])
-    fpr_limit = cfg.metrics.aupro_fpr_limit
-    metrics = compute_metrics(labels, scores, pixels, fpr_limit)
-    per_defect = {}
-    if cfg.metrics.per_defect:
-        for d in sorted(set(defects.tolist()) - {"good"}):
-            sel = (defects == "good") | (defects == d)
-            per_defect[d] = {"n": int((defects == d).sum()), **compute_metrics(labels[sel], scores[sel], pixels, fpr_limit, {"good", d})}
-    decisions = _decision_metrics(model, labels, scores, defects, pixels, counts if pix_owner else None) if model.thresholds else None
-    metrics_s = time.perf_counter() - t0
-
-    from .export import _display_range, _save_eval_maps
-
-    report_parts = collector.finish(samples, labels, scores, out_dir, _display_range(model),
-                                    model.thresholds.pixel if model.thresholds is not None else None)
-    maps_written = None
-    if cfg.output.save_maps and pix_owner:
-        maps_written = _save_eval_maps(model, samples, pix_owner, pix_region, pixels, (lo, hi), out_dir / "maps")
-
-    timing = dict(fit_timing or {})
-    timing.update(predict_s=predict_s, predict_s_per_image=predict_s / max(n, 1), metrics_s=metrics_s,
-                  predict_detail=detail, report_collect_s=collector.seconds)
-    timing["total_s"] = timing.get("fit_s", 0.0) + timing.get("calibration_s", 0.0) + time.perf_counter() - t_start
-    timing["peak_rss_mb"] = peak_rss_mb()
-    geometry = getattr(model.detector, "geometry", None)
-    report = {
+def build_report(cfg: ExperimentConfig, split: Split, model: Model, scored: ScoredTest, metrics: dict, per_defect: dict,
+                 decisions: dict | None, timing: dict) -> dict:
+    """Step 4: the report's content (written by the caller; its pages read it later)."""
+    labels = np.array([x.label for x in split.test])
+    defects = np.array([x.defect_type for x in split.test])
+    return {
         "name": cfg.name, "category": split.name, "status": "ok", "detector": cfg.detector.name,
         "metrics": metrics, "per_defect": per_defect, "decisions": decisions,
         "counts": {"train": len(split.train), "fit": model.meta.get("n_fit_images"), "calibration_holdout": len(model.meta.get("holdout", [])),
-                   "test": n, "test_good": int((labels == 0).sum()), "test_anomalous": int((labels == 1).sum()),
-                   "pixel_evaluated": len(pix_owner), "by_defect": {d: int((defects == d).sum()) for d in sorted(set(defects.tolist()))}},
+                   "test": len(labels), "test_good": int((labels == 0).sum()), "test_anomalous": int((labels == 1).sum()),
+                   "pixel_evaluated": len(scored.owners), "by_defect": {d: int((defects == d).sum()) for d in sorted(set(defects.tolist()))}},
         "timing": timing,
-        "protocol": {
-            "model_input": geometry.describe() if geometry else None,
-            "map_resolution": "original mask resolution" if cfg.metrics.resolution == "original" else f"longest side {cfg.metrics.resolution}",
-            "evaluated_fraction_of_image": float(np.mean(covered)) if covered else None,
-            "border_rule": ("pixels outside the model's (centre-cropped) view are not evaluated" if getattr(geometry, "crop", None)
-                            or getattr(geometry, "multiple", None) else "the model sees the whole image (no crop): every pixel is evaluated"),
-            "aupro": f"8-connected regions, exact, FPR limit {fpr_limit}, normalised by the limit",
-            "mask_threshold": f"mask value > {split.mask_threshold}",
-            "thresholds_from": "held-out normal training images" if model.thresholds else None,
-            "few_shot": describe_shots(cfg.dataset.shots, cfg.seed, cfg.dataset.shots_protocol),
-            "cpu_threads": current_threads(),  # float32 sums depend on it (execution.cpus_per_task pins it)
-            **(model.detector.protocol() if hasattr(model.detector, "protocol") else {}),  # features, image score
-        },
+        "protocol": _protocol(cfg, split, model, scored),
         "notes": split.notes,
         "warnings": _warnings(split, model, metrics, cfg),
         "few_shot_images": model.meta.get("fit_images"),
         "config": cfg.model_dump(mode="json"),
         "config_hash": config_hash(cfg),  # --resume skips a run whose report has this hash
         "versions": versions(),
-        "maps": maps_written,
-        **report_parts,  # curves (ROC/PR/PRO points) and worst cases, read by reporting.html
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / "predictions.jsonl", (
-        {"path": str(x.path), "label": x.label, "defect_type": x.defect_type, "score": float(scores[i]),
-         **({"is_anomalous": bool(scores[i] >= model.thresholds.image)} if model.thresholds else {})}
-        for i, x in enumerate(samples)))
-    write_json(out_dir / "report.json", report)
-    return report
+
+
+def _protocol(cfg: ExperimentConfig, split: Split, model: Model, scored: ScoredTest) -> dict:
+    """How the numbers were measured, stated with every report."""
+    geometry = model.detector.geometry if hasattr(model.detector, "geometry") else None
+    return {
+        "model_input": geometry.describe() if geometry else None,
+        "map_resolution": "original mask resolution" if cfg.metrics.resolution == "original" else f"longest side {cfg.metrics.resolution}",
+        "evaluated_fraction_of_image": float(np.mean(scored.covered)) if scored.covered else None,
+        "border_rule": ("pixels outside the model's (centre-cropped) view are not evaluated"
+                        if geometry is not None and (geometry.crop or geometry.multiple)
+                        else "the model sees the whole image (no crop): every pixel is evaluated"),
+        "aupro": f"8-connected regions, exact, FPR limit {cfg.metrics.aupro_fpr_limit}, normalised by the limit",
+        "mask_threshold": f"mask value > {split.mask_threshold}",
+        "thresholds_from": "held-out normal training images" if model.thresholds else None,
+        "few_shot": describe_shots(cfg.dataset.shots, cfg.seed, cfg.dataset.shots_protocol),
+        "cpu_threads": current_threads(),  # float32 sums depend on it (execution.cpus_per_task pins it)
+        **(model.detector.protocol() if hasattr(model.detector, "protocol") else {}),  # features, image score
+    }
 
 
 def _warnings(split: Split, model: Model, metrics: dict, cfg: ExperimentConfig) -> list[str]:
@@ -387,9 +423,19 @@ def _warnings(split: Split, model: Model, metrics: dict, cfg: ExperimentConfig) 
     return list(dict.fromkeys(out))
 
 
+# ---------------------------------------------------------------------------------- export
 def export_images(model: Model, images: Sequence[Path], out_dir: Path, progress: Progress | None = None,
                   base: Path | None = None) -> dict:
-    """Score any images (no labels) and write their maps and predictions: see :func:`export.export_images`."""
-    from .export import export_images as _export
-
-    return _export(model, images, out_dir, progress, base)
+    """Score any images (no labels) and write, per image, an overlay PNG, the raw map (float16
+    .npy), a binary defect mask PNG (when the model has thresholds) and one line of
+    ``predictions.jsonl`` (:class:`~.outputs.predictions.ExportWriter`). Streams: memory does not
+    grow with the number of images. An unreadable image is reported in the summary and skipped."""
+    check_writable(out_dir)
+    with folder_lock(out_dir, "export-maps"), ExportWriter(model, out_dir, base) as writer:
+        for s in score_stream(model, list(images), progress, f"exporting maps for {len(images)} images", keep_images=True):
+            path = Path(images[s.index])
+            if s.error:
+                writer.fail(path, s.error)
+            else:
+                writer.add(s, path)
+        return writer.finish(len(images), peak_rss_mb())

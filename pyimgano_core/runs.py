@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .artifacts import same_backbone
+from .config import ExperimentConfig, config_hash, validate_config
 from .data import load_splits
 from .data.io import is_image_file
 from .data.types import Split
@@ -24,14 +26,12 @@ from .legacy import upgrade_flat_keys
 from .execution import Job, JobResult, LocalExecutor, failures, raise_failures
 from .infer import load_for_runtime
 from .optional import require
-from .reporting.html import write_page
-from .reporting.summary import write_summary_pages
-from .outputs import check_writable, folder_lock
-from .reports import write_json
+from .outputs.report.html import write_page
+from .outputs.report.summary import write_summary_pages
+from .outputs.files import check_writable, folder_lock, write_json
 from .shards import export_on, shard_folder
 
 if TYPE_CHECKING:  # export-maps --runtime onnx without a config must not import torch
-    from .config import ExperimentConfig
     from .model import Model
 
 EXPORT_SUMMARY = "export_summary.json"  # never the eval run's summary.json
@@ -93,8 +93,6 @@ def _same_weights(model, weights) -> bool:
     """The config's weights give the saved backbone's tensors (sha256 of the tensors, not the path)."""
     if getattr(model.detector, "embedder", None) is None:
         return False  # the ONNX runtime's detector: no tensors to compare
-    from .artifacts import same_backbone
-
     return same_backbone(model.detector, weights)
 
 
@@ -154,8 +152,6 @@ def category_jobs(cfg: ExperimentConfig, fn, out: Path, **kwargs) -> list[Job]:
 
 def _job_inputs(config: dict, category: str) -> tuple[ExperimentConfig, Split]:
     """In a job (maybe on another machine): the validated config and this job's one split."""
-    from .config import validate_config
-
     cfg = validate_config(config)
     ds = cfg.dataset
     category_field = ds.category if "category" in type(ds).model_fields else None
@@ -195,8 +191,6 @@ def _entry(report: dict, path: Path) -> dict:
 
 def finished_report(job: Job) -> JobResult | None:
     """``--resume``: the job's report, if it exists, completed, with this config's hash."""
-    from .config import config_hash, validate_config
-
     path = Path(job.kwargs["out"]) / job.kwargs["category"] / "report.json"
     try:
         report = json.loads(path.read_text())

@@ -23,8 +23,7 @@ from .errors import ConfigError, ExecutionError
 from .infer import load_for_runtime
 from .execution import Job, JobResult, current_threads, failures, pinned_threads
 from .optional import require
-from .outputs import check_writable, clean_stale, folder_lock, temp_path
-from .reports import write_json
+from .outputs.files import check_writable, clean_stale, folder_lock, temp_path, write_json
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -19,9 +19,9 @@ from .config import ExperimentConfig, load_config
 from .errors import ConfigError
 from .execution import LocalExecutor, raise_failures
 from .optional import require
-from .reporting.html import CSS
-from .reporting.summary import write_summary_pages
-from .reports import write_json
+from .outputs.report.html import CSS
+from .outputs.files import write_json
+from .outputs.report.summary import write_summary_pages
 from .runs import METRIC_KEYS, category_jobs, check_outputs, eval_category, finish_run, finished_report, run_dir
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pyimgano_core.outputs import folder_lock
+from pyimgano_core.outputs.files import folder_lock
 from tests.helpers import run_cli as run, small_mvtec_tree, write_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pyimgano_core.outputs import folder_lock, temp_path
-from pyimgano_core.reports import write_json, write_jsonl
+from pyimgano_core.outputs.files import folder_lock, temp_path
+from pyimgano_core.outputs.files import write_json, write_jsonl
 from tests.helpers import run_cli as run, small_mvtec_tree, write_config
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_sigterm_during_export_and_save_leaves_no_temp_files(model, tree, tmp_pa
     import signal
 
     import pyimgano_core.model as model_mod
-    import pyimgano_core.export as engine  # the writing side (save_map_outputs) lives there
+    import pyimgano_core.outputs.predictions as engine  # the export writer (save_map_outputs) lives there
 
     calls = []
 

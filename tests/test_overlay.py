@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from pyimgano_cli.app import app
 from pyimgano_core.model import Model
-from pyimgano_core.overlay import render_overlay
+from pyimgano_core.outputs.pictures import render_overlay
 from tests.helpers import write_config
 from tests.synth import make_mvtec_tree
 

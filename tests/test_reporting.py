@@ -8,9 +8,9 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from pyimgano_core import metrics as M
 from pyimgano_core.errors import ConfigError
-from pyimgano_core.reporting import METRIC_NAMES
-from pyimgano_core.reporting.curves import N_POINTS, PixelCurves, float_keys, image_curves, key_threshold
-from pyimgano_core.reporting.gates import check_gates, parse_gates
+from pyimgano_core.outputs.report import METRIC_NAMES
+from pyimgano_core.outputs.report.curves import N_POINTS, PixelCurves, float_keys, image_curves, key_threshold
+from pyimgano_core.outputs.report.gates import check_gates, parse_gates
 from pyimgano_core.runs import METRIC_KEYS
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import DataError, ModelError
 from ..model_doc import seal
 from ..optional import require
-from ..outputs import write_bytes_atomic
+from ..outputs.files import write_bytes_atomic
 from .onnx_runtime import INPUT_NAME, OUTPUT_NAMES, build_onnx_model, read_doc, session_from_bytes, sha256_bytes
 from .support import SUPPORTED, unsupported
 from ..data.io import image_size

@@ -8,7 +8,7 @@ import io
 
 import numpy as np
 
-from ..optional import require
+from ...optional import require
 
 GOOD, BAD, THR = "#2a7ab9", "#d0542c", "#222222"
 

@@ -20,7 +20,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..data.io import read_image
+from ...data.io import read_image
+from ..files import check_writable, clean_stale, temp_path, write_bytes_atomic, write_error
+from ..pictures import colorize, colour_bar_strip, write_png
 from .curves import PixelCurves, image_curves
 
 THUMB = 192  # longest side of each panel, pixels
@@ -112,8 +114,6 @@ class ReportCollector:
 @contextlib.contextmanager
 def new_assets(folder: Path):
     """A fresh temp folder to fill, renamed over ``folder`` only when complete (else removed)."""
-    from ..outputs import check_writable, clean_stale, temp_path, write_error
-
     check_writable(folder.parent, "report folder")
     clean_stale(folder.parent, folder.name)
     tmp, old = temp_path(folder), temp_path(folder, ".old")
@@ -133,16 +133,11 @@ def new_assets(folder: Path):
 
 
 def _write_colour_bar(path: Path, vrange: tuple[float, float], pixel_threshold: float | None) -> None:
-    from ..overlay import colour_bar_strip
-    from ..reports import write_png
-
     write_png(path, colour_bar_strip(2 * THUMB + 4, float(vrange[0]), float(vrange[1]), pixel_threshold))
 
 
 def _write_case(path: Path, image_path, thumb: tuple, vrange: tuple[float, float]) -> None:
     """One tile: [image + ground-truth contour | anomaly-map overlay + contour], side by side."""
-    from ..reports import _atomic_write_bytes, colorize
-
     amap, gt, region = thumb
     image = read_image(image_path)
     if region is not None:
@@ -158,4 +153,4 @@ def _write_case(path: Path, image_path, thumb: tuple, vrange: tuple[float, float
     ok, buf = cv2.imencode(".png", tile)
     if not ok:
         raise OSError(f"cannot encode PNG for {path}")
-    _atomic_write_bytes(path, buf.tobytes())
+    write_bytes_atomic(path, buf.tobytes())

@@ -6,7 +6,7 @@ computed (no pixel ground truth, one class only) fails its gate: a CI job asked 
 """
 from __future__ import annotations
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from . import METRIC_NAMES
 
 

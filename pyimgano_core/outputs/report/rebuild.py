@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import DataError
+from ...errors import DataError
 from .html import write_page
 from .summary import load_summary, write_summary_pages
 

@@ -1,5 +1,5 @@
-"""Overlay pictures that do not mislead: one fixed colour scale per run, a colour bar, the
-image score, the defect contour, and a blend that keeps the part visible.
+"""Anomaly-map pictures and files that do not mislead: one fixed colour scale per model, a
+labelled colour bar, the image score, the defect contour, and a blend that keeps the part visible.
 
 The colour scale comes from the model (calibration: the held-out median map value at the
 bottom and the pixel threshold mid-scale; uncalibrated: a few training images), never from
@@ -9,10 +9,23 @@ the photo shows through almost unchanged.
 """
 from __future__ import annotations
 
+import io
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
 import cv2
 import numpy as np
 
+from ..data.io import read_image
+from .files import write_bytes_atomic
+
+if TYPE_CHECKING:
+    from ..model import Model
+
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+WRITERS = 2  # threads encoding and writing picture files (cv2 releases the GIL)
 
 
 def colorize(amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
@@ -101,3 +114,97 @@ def colour_bar_strip(width: int, vmin: float, vmax: float, pixel_threshold: floa
         (tw, _), _ = cv2.getTextSize(label, font, 0.45, 1)
         cv2.putText(panel, label, (min(max(x - tw // 2, x0), x1 - tw), y + 16), font, 0.45, ink, 1, cv2.LINE_AA)
     return panel
+
+
+# ---------------------------------------------------------------------------------- the scale
+def display_range(model: Model) -> tuple[float, float] | None:
+    """One fixed colour range for a whole run, from the model: calibrated -> held-out median at
+    the bottom, pixel threshold mid-scale; else the range recorded from training images at fit
+    time; None for models saved before that (callers fall back to the maps' own range)."""
+    thr = model.thresholds
+    if thr is not None and thr.pixel is not None and thr.pixel_median is not None:
+        return thr.pixel_median, 2 * thr.pixel - thr.pixel_median
+    rec = model.meta.get("display_range")
+    if rec:
+        return float(rec["lo"]), float(rec["hi"])
+    return None
+
+
+def record_display_range(model: Model, maps: list[np.ndarray], source: str) -> None:
+    """Store the colour range of an uncalibrated model: the median of normal map values at the
+    bottom and their 99.9% quantile mid-scale (as for a calibrated model's pixel threshold)."""
+    if not maps:
+        return
+    values = np.concatenate([np.asarray(m, np.float32).ravel() for m in maps])
+    lo, q = float(np.median(values)), float(np.quantile(values, 0.999))
+    if q > lo:
+        model.meta["display_range"] = {"lo": lo, "hi": 2 * q - lo, "source": source}
+
+
+# ---------------------------------------------------------------------------------- files
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Encode a BGR/grey uint8 image as PNG and write it atomically."""
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"cannot encode PNG for {path}")
+    write_bytes_atomic(path, buf.tobytes())
+
+
+def save_map_outputs(stem: Path, image_rgb: np.ndarray, amap_full: np.ndarray, vrange: tuple[float, float], mask: np.ndarray | None,
+                     score: float | None = None, image_threshold: float | None = None,
+                     pixel_threshold: float | None = None) -> dict[str, str]:
+    """Write ``<stem>_overlay.png`` (heatmap over the image on the run's fixed scale, with a
+    colour bar, the score and the defect contour), ``<stem>_map.npy`` (raw float16 map at
+    original resolution) and, when given, ``<stem>_mask.png`` (0/255)."""
+    overlay = render_overlay(image_rgb, amap_full, vrange, mask, score, image_threshold, pixel_threshold)
+    out = {"overlay": f"{stem}_overlay.png", "map": f"{stem}_map.npy"}
+    write_png(Path(out["overlay"]), overlay)
+    buf = io.BytesIO()
+    np.save(buf, amap_full.astype(np.float16))
+    write_bytes_atomic(Path(out["map"]), buf.getvalue())
+    if mask is not None:
+        out["mask"] = f"{stem}_mask.png"
+        write_png(Path(out["mask"]), mask.astype(np.uint8) * 255)
+    return out
+
+
+def output_stem(path: Path, base: Path | None, used: set[str]) -> Path:
+    """Relative output stem for one input: its path under ``base`` with the full file name
+    kept (``sub/000.png`` -> ``sub/000.png``, so ``000.jpg`` and ``000.png`` never share
+    outputs); a remaining clash (e.g. on a case-insensitive disk) gets ``~2``, ``~3``..."""
+    rel = path.relative_to(base) if base and path.is_relative_to(base) else Path(path.name)
+    stem, n = rel, 1
+    while str(stem).casefold() in used:
+        n += 1
+        stem = rel.with_name(f"{rel.name}~{n}")
+    used.add(str(stem).casefold())
+    return stem
+
+
+def save_eval_maps(model: Model, samples: Sequence, owners: Sequence[int], regions: Sequence, read_map: Callable[[int], np.ndarray],
+                   value_range: tuple[float, float], folder: Path) -> dict:
+    """``eval``'s pictures (``output.save_maps``): overlay, map and mask of each evaluated test image.
+
+    ``read_map(k)`` gives the k-th evaluated map back (from the metrics' spill file, one at a time);
+    ``value_range``: the maps' own range, for models saved without a display range.
+    """
+    thr = model.thresholds
+    thr_pixel = thr.pixel if thr is not None else None
+    vrange = display_range(model) or value_range
+    used: set[str] = set()
+    with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="pyimgano-write") as pool:
+        jobs = deque()
+        for item, (i, (region, hw)) in enumerate(zip(owners, regions)):
+            amap = read_map(item)
+            x = samples[i]
+            full = np.full(hw, vrange[0], np.float32)  # outside the model's view: bottom of the scale
+            h, w = region[0].stop - region[0].start, region[1].stop - region[1].start
+            full[region] = amap if amap.shape == (h, w) else cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
+            mask = model.postprocess.binarize(full, thr_pixel) if thr_pixel is not None else None
+            stem = folder / x.defect_type / output_stem(Path(x.path), None, used)
+            jobs.append(pool.submit(save_map_outputs, stem, read_image(x.path), full, vrange, mask, None, None, thr_pixel))
+            while len(jobs) > 2 * WRITERS:  # bounded: memory stays flat
+                jobs.popleft().result()
+        for job in jobs:
+            job.result()
+    return {"folder": str(folder), "display_range": list(vrange)}

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ...errors import DataError
 from . import METRIC_NAMES
+from ..files import write_text
 from .plots import report_figure
 
 METRICS = tuple(METRIC_NAMES.items())
@@ -174,6 +175,4 @@ def render(cat_dir: Path) -> str:
 
 
 def write_page(cat_dir: Path) -> Path:
-    from . import write_text
-
     return write_text(Path(cat_dir) / "report.html", render(cat_dir))

@@ -9,8 +9,9 @@ import json
 from html import escape
 from pathlib import Path
 
-from ..errors import DataError
-from . import METRIC_NAMES, write_text
+from ...errors import DataError
+from ..files import write_text
+from . import METRIC_NAMES
 from .html import CSS
 
 

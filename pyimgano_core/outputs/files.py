@@ -1,4 +1,4 @@
-"""Output locations: checked before work, written with our own temp names, locked, tidied.
+"""Files: checked before work, written atomically under our own temp names, locked, tidied; strict JSON.
 
 * :func:`check_writable` runs before any fitting or scoring: a read-only folder, a ``--out``
   that is a file, or a file where a run folder must go fails at once with one line.
@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
 import os
 import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
-from .errors import OutputError, ResourceError
+import numpy as np
+
+from ..errors import OutputError, ResourceError
 
 
 def _read_umask() -> int:
@@ -194,3 +198,53 @@ def _lock(fd: int) -> None:
             raise BlockingIOError from None
         return
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# ---------------------------------------------------------------------------------- strict JSON
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by None: strict JSON that any parser reads."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (np.floating, np.integer)):
+        return finite_json(obj.item())
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return finite_json(obj.tolist())
+    return obj
+
+
+def dumps(obj: Any, **kw) -> str:
+    """Strict JSON (no NaN/Infinity tokens): non-finite numbers become null."""
+    return json.dumps(finite_json(obj), default=_default, allow_nan=False, **kw)
+
+
+def _default(o: Any):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON atomically (temp file + rename): a crash never leaves half a report."""
+    path = Path(path)
+    write_bytes_atomic(path, (dumps(obj, indent=2) + "\n").encode())
+    return path
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    path = Path(path)
+    write_bytes_atomic(path, "".join(dumps(r) + "\n" for r in rows).encode())
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (temp file + rename), like the JSON reports."""
+    write_bytes_atomic(Path(path), text.encode("utf-8"))
+    return Path(path)

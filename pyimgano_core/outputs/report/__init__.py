@@ -1,4 +1,4 @@
-"""Human-readable results and CI gates, built from what the engine wrote.
+"""Report pages and CI gates, built from what the engine wrote (``report.json`` and its assets).
 
     collect.py   what the page needs, gathered during the one scoring pass (curves, worst cases)
     curves.py    ROC / PR / PRO curve points (exact, downsampled) for report.json
@@ -8,22 +8,13 @@
     gates.py     --fail-under metric=value checks
     compare.py   metric differences between two runs, regressions beyond a tolerance
     rebuild.py   `pyimgano report RUN_DIR`: the pages again, from saved files
+    versions.py  the library versions a report records
 
 Nothing here scores images: the engine stays the one place that does.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 # The headline metrics, in the papers' column order (runs.METRIC_KEYS holds the same keys).
 METRIC_NAMES = {"image_auroc": "image AUROC", "image_ap": "image AP", "pixel_auroc": "pixel AUROC",
                 "pixel_ap": "pixel AP", "aupro": "AUPRO"}
 GATE_EXIT_CODE = 6  # a quality gate failed: --fail-under fell short, or compare found a regression
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Write a text file atomically (temp file + rename), like the JSON reports."""
-    from ..reports import _atomic_write_bytes
-
-    _atomic_write_bytes(Path(path), text.encode("utf-8"))
-    return Path(path)
