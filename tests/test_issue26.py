@@ -462,3 +462,15 @@ def test_main_config_shows_decisions_without_a_holdout_warning():
     n_hold = round(cfg.calibration.holdout_fraction * 209)  # bottle's good training images
     _, k, expected, _, warning = conformal_threshold(np.arange(n_hold, dtype=float), 1 - cfg.calibration.image_quantile)
     assert warning is None and k == n_hold and expected <= 1 - cfg.calibration.image_quantile
+
+
+def test_same_model_check_accepts_a_model_saved_without_a_display_range(tmp_path):
+    from pyimgano_core.errors import OutputError
+    from pyimgano_core.predictions import check_same_model
+
+    (tmp_path / "predictions.jsonl").write_text('{"path": "a.png", "score": 1.0}\n')
+    note = "per-image min-max (model saved without a display range)"
+    (tmp_path / "summary.json").write_text(json.dumps({"thresholds": None, "display_range": note}))
+    check_same_model(tmp_path, None, None)  # the same (old) model again: accepted
+    with pytest.raises(OutputError, match="another model"):
+        check_same_model(tmp_path, None, [0.0, 1.0])

@@ -85,7 +85,9 @@ def check_same_model(out_dir: Path, thresholds: dict | None, display_range) -> N
     keep = ("image", "pixel")
     old_thr = {k: (earlier.get("thresholds") or {}).get(k) for k in keep} if earlier.get("thresholds") else None
     new_thr = {k: thresholds.get(k) for k in keep} if thresholds else None
-    if not _same(old_thr, new_thr) or not _same(earlier.get("display_range"), display_range):
+    old_range = earlier.get("display_range")
+    old_range = old_range if isinstance(old_range, list) else None  # models saved without one: a note, not a range
+    if not _same(old_thr, new_thr) or not _same(old_range, display_range):
         raise OutputError(f"{out_dir} holds predictions of another model (other thresholds or colour scale); "
                           "use another --out (a folder holds one model's predictions)")
 
