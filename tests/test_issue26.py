@@ -466,7 +466,7 @@ def test_main_config_shows_decisions_without_a_holdout_warning():
 
 def test_same_model_check_accepts_a_model_saved_without_a_display_range(tmp_path):
     from pyimgano_core.errors import OutputError
-    from pyimgano_core.predictions import check_same_model
+    from pyimgano_core.outputs.predictions import check_same_model
 
     (tmp_path / "predictions.jsonl").write_text('{"path": "a.png", "score": 1.0}\n')
     note = "per-image min-max (model saved without a display range)"
