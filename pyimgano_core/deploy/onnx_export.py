@@ -11,9 +11,8 @@ the torch map's largest magnitude). The graph's sha256, inputs, outputs and the 
 are written into ``model.json`` (key ``onnx``); the ONNX runtime refuses a graph whose hash
 differs.
 
-Exporter: torch's TorchScript-based ``torch.onnx.export(dynamo=False)``. The dynamo exporter
-produced the same graph but took 7-10x longer here (35-50 s vs ~5 s for a small MobileNetV2
-model on the shared 2-core machine) and needs onnxscript; both work offline.
+Exporter: torch's TorchScript-based ``torch.onnx.export(dynamo=False)``: the dynamo exporter
+gives the same graph but is several times slower and needs onnxscript (``reports/onnx_parity.md``).
 """
 from __future__ import annotations
 

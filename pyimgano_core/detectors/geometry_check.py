@@ -1,8 +1,8 @@
 """A small, self-contained check of a CNN patch-kNN input geometry, run at config validation.
 
-``image_size: 7`` used to validate and fit (a 0x0 grid padded to 1x1 at stride 8: pixel AUROC
-0.79, AUPRO 0.34 on bottle against 0.993 / 0.977), and a tapped layer that does not exist or
-gives no feature map failed only inside the fit. :func:`check_cnn_geometry` builds the
+``image_size: 7`` used to validate and fit (a 0x0 grid padded to 1x1 at stride 8: a model that
+silently localises nothing), and a tapped layer that does not exist or gives no feature map
+failed only inside the fit. :func:`check_cnn_geometry` builds the
 backbone with random weights (no file, no download), probes what each tap gives, and refuses,
 naming the field: an unknown layer, a tap that is no feature map, taps not shallowest first,
 the same tap twice, and an input (``crop``, else ``image_size``) whose patch grid at the

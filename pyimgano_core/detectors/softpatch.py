@@ -44,14 +44,12 @@ _CHUNK_ELEMENTS = 1 << 24
 # Ridge added to each position's covariance (PaDiM / the reference's Gaussian: 0.01 * I).
 _GAUSSIAN_RIDGE = 0.01
 _PROJECT_ROWS = 1 << 14  # training rows read and projected at a time
-# Soft weight at (near-)tied nearest neighbours: see matched_weight. On bottle (MobileNetV2,
-# squared distances, 83 test images) torch and onnxruntime squared distances of one (patch, entry)
-# differ by up to 2e-4 of the nearest distance (99th percentile; float32 |q|^2 - 2 q.m + |m|^2
-# cancellation): with a 1e-2 window the two runtimes' patch scores agree to 2.6e-5 of the image's
-# hottest patch (3e-3: 9.5e-5; the nearest entry's weight alone: 4.2e-3); 5% of the test patches
-# have a runner-up inside it, their score moving by 0.07% on average (at most 7%).
+# Soft weight at (near-)tied nearest neighbours (matched_weight): the window must exceed the float32
+# disagreement of two runtimes' squared distances (|q|^2 - 2 q.m + |m|^2 cancellation) so both pick
+# one weight, and stay small enough to leave the reference's weight in place almost everywhere.
+# Chosen with benchmarks/softpatch_ties.py (reports/softpatch_ties.md).
 TIE_RTOL = 1e-2
-TIE_NEIGHBOURS = 4  # entries that may share the weight; 5 or more inside the window: 0.02% of patches
+TIE_NEIGHBOURS = 4  # entries that may share the weight (more inside the window is very rare: same report)
 
 
 class SoftPatchParams(CNNPatchParams):
