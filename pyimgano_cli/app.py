@@ -65,6 +65,12 @@ def _guard(fn: Callable[[], object]) -> object:
     except PyimganoError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
+    except ModuleNotFoundError as exc:  # a lean install ("pyimgano[serve]") has no torch: fitting needs the extra
+        if (exc.name or "").split(".")[0] not in ("torch", "torchvision", "sklearn"):
+            raise
+        err.print(f"[bold red]error:[/] this command needs {exc.name.split('.')[0]}, which is not installed; "
+                  'install it with: pip install "pyimgano[torch]"', highlight=False, soft_wrap=True)
+        raise typer.Exit(5) from None
     except Terminated:
         err.print("terminated (SIGTERM); partial outputs removed")
         raise typer.Exit(143) from None
@@ -307,6 +313,23 @@ def export_onnx(model_dir: Path, out_file: Optional[Path] = typer.Option(None, "
     out.print(escape(f"parity on {p['n_images']} {p['images']}: largest relative difference score {p['max_score_rel_diff']:.2g}, "
                      f"map {p['max_map_rel_diff']:.2g} (tolerance {p['rtol']:g})"
                      + (f", {p['decision_flips']} decision flips" if p["decision_flips"] is not None else "")), highlight=False)
+
+
+@app.command()
+def serve(models: list[str] = typer.Option(..., "--model", metavar="[NAME=]DIR", help="Model folder to serve (repeatable); NAME defaults to its category."),
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
+          port: int = typer.Option(8000, "--port", help="TCP port (0: any free port, announced on stderr)."),
+          runtime: str = typer.Option("torch", "--runtime", help="torch, onnx, openvino, onnx-int8 or openvino-int8."),
+          token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding a bearer token every request but /healthz, /readyz needs."),
+          max_batch: int = typer.Option(8, "--max-batch", min=1, max=16, help="Images per forward pass."),
+          max_queue: int = typer.Option(32, "--max-queue", min=1, help="Images waiting per model before 503."),
+          max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.001, help="Largest request body.")) -> None:
+    """Serve models over HTTP: /v1/predict, /v1/models, /healthz, /readyz, /metrics and a page at / (pip install "pyimgano[serve]")."""
+    from pyimgano_core.serve import BatchSettings, HttpLimits, ServeOptions, serve as run
+
+    opts = ServeOptions(models, runtime, host, port, str(token_file) if token_file else None, BatchSettings(max_batch=max_batch, max_queue=max_queue),
+                        HttpLimits(max_body_bytes=int(max_body_mb * 2**20)))
+    raise typer.Exit(_guard(lambda: run(opts, announce=lambda msg: err.print(escape(msg), highlight=False, soft_wrap=True))))
 
 
 @app.command()

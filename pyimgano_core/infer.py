@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -47,32 +47,51 @@ class Inspector:
 
     def predict_many(self, images: Iterable) -> Iterator[Inspection]:
         """Score images lazily, in the engine's chunks (bounded memory)."""
-        thr = self.model.thresholds
         for s in score_stream(self.model, list(images)):
             if s.error:
                 raise DataError(s.error)
-            full = mask = None
-            if s.amap is not None:
-                full = np.full(s.orig_hw, np.nan, np.float32)
-                full[s.region] = s.amap
-                if thr is not None and thr.pixel is not None:
-                    mask = self.model.postprocess.binarize(np.nan_to_num(full, nan=-np.inf), thr.pixel)
-            yield Inspection(s.score, None if thr is None else bool(s.score >= thr.image), full, mask)
+            yield self._inspection(s)
+
+    def predict_batch(self, images: Sequence) -> list[Inspection | DataError]:
+        """Score up to ``engine.CHUNK`` images in one forward pass (a server's micro-batch).
+
+        An image the model cannot use (unreadable, smaller than its patch grid) gets its
+        :class:`DataError` in its place; the others are scored all the same.
+        """
+        return [DataError(s.error) if s.error else self._inspection(s) for s in score_stream(self.model, list(images))]
+
+    def _inspection(self, s) -> Inspection:
+        thr = self.model.thresholds
+        full = mask = None
+        if s.amap is not None:
+            full = np.full(s.orig_hw, np.nan, np.float32)
+            full[s.region] = s.amap
+            if thr is not None and thr.pixel is not None:
+                mask = self.model.postprocess.binarize(np.nan_to_num(full, nan=-np.inf), thr.pixel)
+        return Inspection(s.score, None if thr is None else bool(s.score >= thr.image), full, mask)
 
 
-def load_model(folder: str | Path, runtime: Literal["torch", "onnx"] = "torch") -> Inspector:
+RUNTIMES = ("torch", "onnx", "openvino", "onnx-int8", "openvino-int8")
+Runtime = Literal["torch", "onnx", "openvino", "onnx-int8", "openvino-int8"]
+
+
+def load_model(folder: str | Path, runtime: Runtime = "torch") -> Inspector:
     """Load a model folder written by ``pyimgano fit`` (no code is executed while loading).
 
-    ``runtime="onnx"`` scores with the graph written by ``pyimgano export-onnx`` on onnxruntime
-    (no torch import; the graph's sha256 must match model.json); thresholds and post-processing
-    are the same as with ``runtime="torch"``.
+    ``runtime="onnx"`` scores with the graph written by ``pyimgano export-onnx`` on onnxruntime,
+    ``"openvino"`` the same graph on OpenVINO (no torch import for either; the graph's sha256
+    must match model.json); ``"onnx-int8"`` / ``"openvino-int8"`` the int8 graph written by
+    ``pyimgano quantize``. Thresholds and post-processing are the same as with ``"torch"``.
     """
-    if runtime == "onnx":
-        from .deploy.onnx_runtime import load_onnx_model
-
-        return Inspector(load_onnx_model(folder))
     if runtime != "torch":
-        raise ConfigError(f"runtime must be 'torch' or 'onnx', got {runtime!r}")
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
+        from .deploy.runtimes import load_graph_model
+
+        return Inspector(load_graph_model(folder, runtime))
+    from .optional import require
+
+    require("torch", extra="torch")
     from .model import Model
 
     return Inspector(Model.load(folder))
