@@ -65,12 +65,6 @@ def _guard(fn: Callable[[], object]) -> object:
     except PyimganoError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
-    except ModuleNotFoundError as exc:  # a lean install ("pyimgano[serve]") has no torch: fitting needs the extra
-        if (exc.name or "").split(".")[0] not in ("torch", "torchvision", "sklearn"):
-            raise
-        err.print(f"[bold red]error:[/] this command needs {exc.name.split('.')[0]}, which is not installed; "
-                  'install it with: pip install "pyimgano[torch]"', highlight=False, soft_wrap=True)
-        raise typer.Exit(5) from None
     except Terminated:
         err.print("terminated (SIGTERM); partial outputs removed")
         raise typer.Exit(143) from None
@@ -401,7 +395,14 @@ def data(config: Path, set_: list[str] = SetOpt, as_json: bool = JsonOpt) -> Non
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as exc:  # a lean install ("pyimgano[serve]") has no torch: fitting needs the extra
+        if (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
+            raise
+        err.print(f"[bold red]error:[/] this command needs {exc.name.split('.')[0]}, which is not installed; "
+                  'install it with: pip install "pyimgano[torch]"', highlight=False, soft_wrap=True)
+        sys.exit(5)
 
 
 if __name__ == "__main__":
