@@ -310,6 +310,23 @@ def export_onnx(model_dir: Path, out_file: Optional[Path] = typer.Option(None, "
 
 
 @app.command()
+def quantize(model_dir: Path, as_json: bool = JsonOpt) -> None:
+    """Write model.int8.onnx: the exported graph with int8 backbone convolutions, kept only if decisions and maps hold."""
+    from pyimgano_core.deploy.quantize import quantize_int8
+
+    info = _guard(lambda: quantize_int8(model_dir))
+    if as_json:
+        sys.stdout.write(json.dumps(info, default=str) + "\n")
+        return
+    p = info["parity"]
+    out.print(escape(f"wrote {info['file']} (sha256 {info['sha256'][:12]}..., {info['calibration_images']} calibration images)"), highlight=False)
+    out.print(escape(f"parity against the float32 graph on {p['n_images']} {p['images']}: largest relative difference score "
+                     f"{p['max_score_rel_diff']:.2g} (tolerance {p['score_rtol']:g}), map {p['max_map_rel_diff']:.2g} "
+                     f"(tolerance {p['map_rtol']:g})" + (f", {p['decision_flips']} decision flips" if p["decision_flips"] is not None else "")),
+              highlight=False)
+
+
+@app.command()
 def serve(models: list[str] = typer.Option(..., "--model", metavar="[NAME=]DIR", help="Model folder to serve (repeatable); NAME defaults to its category."),
           host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
           port: int = typer.Option(8000, "--port", help="TCP port (0: any free port, announced on stderr)."),

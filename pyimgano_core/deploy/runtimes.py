@@ -37,7 +37,7 @@ class OpenVinoSession:
         except Exception as exc:  # noqa: BLE001 - a graph OpenVINO rejects
             raise ModelError(f"OpenVINO cannot load the graph: {str(exc).splitlines()[0]}") from None
         self.request = self.compiled.create_infer_request()
-        self.outputs = {o.get_any_name(): o for o in self.compiled.outputs}
+        self.outputs = {name: o for o in self.compiled.outputs for name in o.get_names()}
 
     def run(self, names, feeds: dict) -> list[np.ndarray]:
         # one request object per session: OnnxDetector calls run from one thread (the model's batcher)
