@@ -240,9 +240,6 @@ def bench_soak(model: Path, n: int, clients: int = 4, seed: int = 0) -> dict:
             k = rng.choice(sorted(bad_kinds))
             plan.append((k, *bad_kinds[k]))
     server = Server("--model", str(model))
-    for b in good[:20]:  # warm-up: allocator and caches settle before the first RSS reading
-        server.request("POST", "/v1/predict", b)
-    rss0 = server.rss_mb()
     lock, next_i, rows = threading.Lock(), [0], []
 
     def run():
@@ -268,13 +265,30 @@ def bench_soak(model: Path, n: int, clients: int = 4, seed: int = 0) -> dict:
                 rows.append((kind, status, msg))
         conn.close()
 
+    def phase():
+        threads = [threading.Thread(target=run) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    # warm-up: the first 200 requests of the plan, same clients (allocator arenas and caches of
+    # every thread settle); the soak proper then replays the whole plan of n requests
+    n_total, n = n, min(200, n)
+    phase()
+    rows.clear()
+    n, next_i[0] = n_total, 0
+    rss0, samples, done = server.rss_mb(), [], threading.Event()
+
+    def sample():
+        while not done.wait(2.0):
+            samples.append((len(rows), round(server.rss_mb(), 1)))
+
+    threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=run) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    phase()
     wall = time.perf_counter() - t0
+    done.set()
     rss1 = server.rss_mb()
     code = server.stop()
     by_kind: dict = {}
@@ -290,18 +304,30 @@ def bench_soak(model: Path, n: int, clients: int = 4, seed: int = 0) -> dict:
             "valid_5xx": sum(s >= 500 for _, s, _ in valid), "valid_non_200": sum(s != 200 for _, s, _ in valid),
             "malformed_not_4xx_with_message": sum(not (400 <= s < 500 and m) for _, s, m in malformed),
             "rss_after_warmup_mb": round(rss0, 1), "rss_end_mb": round(rss1, 1), "rss_growth_mb": round(rss1 - rss0, 1),
+            "rss_max_mb": max([rss1] + [r for _, r in samples]), "rss_samples_requests_mb": samples[:: max(1, len(samples) // 20)],
             "exit_code_after_sigterm": code,
             "by_kind": {k: {"n": v["n"], "status": v["status"], "messages": sorted(v["messages"])[:3]} for k, v in sorted(by_kind.items())}}
 
 
 # ------------------------------------------------------------------------------------ runtimes
 def bench_runtimes(exact: Path, pca_ivf: Path | None, n_timing: int) -> dict:
+    """The int8 graph is built here whether or not ``pyimgano quantize`` would keep it (its gate is
+    reported), so a refused int8 still gets its speed and test-set flips measured."""
     from pyimgano_core.deploy.onnx_export import compare
-    from pyimgano_core.infer import load_model
+    from pyimgano_core.deploy.onnx_runtime import build_onnx_model, read_doc
+    from pyimgano_core.deploy.quantize import INT8_MAP_RTOL, INT8_SCORE_RTOL, int8_graph
+    from pyimgano_core.deploy.runtimes import make_session
+    from pyimgano_core.infer import Inspector, load_model
 
-    doc = json.loads((exact / "model.json").read_text())
-    runtimes = ["torch", "onnx", "openvino"] + (["onnx-int8", "openvino-int8"] if doc.get("int8") else [])
-    inspectors = {rt: load_model(exact, runtime=rt) for rt in runtimes}
+    inspectors = {rt: load_model(exact, runtime=rt) for rt in ("torch", "onnx", "openvino")}
+    t0 = time.perf_counter()
+    data, section, fp32, q_ort, calib = int8_graph(exact)
+    quantize_s = time.perf_counter() - t0
+    doc = read_doc(exact)
+    gate = compare(fp32, q_ort, calib)
+    passed = gate["max_score_rel_diff"] <= INT8_SCORE_RTOL and gate["max_map_rel_diff"] <= INT8_MAP_RTOL and not gate["decision_flips"]
+    inspectors["onnx-int8"] = Inspector(q_ort)
+    inspectors["openvino-int8"] = Inspector(build_onnx_model(doc, {**doc["onnx"], **section}, make_session(data, "openvino")))
     if pca_ivf is not None:
         inspectors["torch (pca_ivf model)"] = load_model(pca_ivf)
     paths = test_images()
@@ -314,9 +340,11 @@ def bench_runtimes(exact: Path, pca_ivf: Path | None, n_timing: int) -> dict:
             insp.predict(p)
             times[k].append(time.perf_counter() - t)
     out = {"model": str(exact), "timing": {k: summary_ms(v) for k, v in times.items()}, "parity_vs_torch": {},
-           "int8": doc.get("int8", {}).get("parity") and {k: doc["int8"][k] for k in ("method", "calibration_images", "parity")}}
+           "int8": {"method": section["method"], "quantize_s": round(quantize_s, 1), "calibration_images": section["calibration_images"],
+                    "gate_vs_float32_on_calibration_images": gate, "score_rtol": INT8_SCORE_RTOL, "map_rtol": INT8_MAP_RTOL,
+                    "gate_passed": passed}}
     ref = inspectors["torch"].model
-    for rt in runtimes[1:]:
+    for rt in ("onnx", "openvino", "onnx-int8", "openvino-int8"):
         out["parity_vs_torch"][rt] = compare(ref, inspectors[rt].model, paths)
     return out
 
@@ -381,7 +409,12 @@ def write_md(res: dict, path: Path) -> None:
         for k, t in r["timing"].items():
             p = r["parity_vs_torch"].get(k)
             lines.append(f"| {k} | {t['median_ms']} | {t['p95_ms']} | " + (f"{p['max_score_rel_diff']:.2g} | {p['max_map_rel_diff']:.2g} | {p['decision_flips']} |" if p else "- | - | - |"))
-        lines.append("")
+        q = r["int8"]
+        g = q["gate_vs_float32_on_calibration_images"]
+        lines += ["", f"int8 ({q['method']}; {q['quantize_s']} s): against the float32 graph on {g['n_images']} calibration images the "
+                  f"largest score difference is {g['max_score_rel_diff']:.3g} and map {g['max_map_rel_diff']:.3g} (tolerances "
+                  f"{q['score_rtol']}, {q['map_rtol']}), {g['decision_flips']} flips: `pyimgano quantize` "
+                  + ("keeps it." if q["gate_passed"] else "**refuses** it (the rows above measure the refused graph)."), ""]
     le = res.get("lean")
     if le:
         lines += ["## Lean install (`pip install \".[serve]\"`, fresh venv)", "",

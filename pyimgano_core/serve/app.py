@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+import anyio
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -81,11 +82,19 @@ def build_app(pool: ModelPool, metrics: ServeMetrics, decode_limits: DecodeLimit
     """The ASGI app over ``pool``; loading starts with the app's lifespan, batchers drain at its end."""
     recent: deque = deque(maxlen=http.recent)
 
+    workers: list[anyio.CapacityLimiter] = []
+
     @asynccontextmanager
     async def lifespan(app):
+        # decoding and PNG answers run on a few threads, not anyio's default 40: each thread
+        # gets its own malloc arena, and 40 of them let the RSS creep up under a long soak
+        workers.append(anyio.CapacityLimiter(http.io_threads))
         pool.start()
         yield
         await run_in_threadpool(pool.close)
+
+    async def on_thread(fn, *args):
+        return await anyio.to_thread.run_sync(fn, *args, limiter=workers[0])
 
     app = FastAPI(title="pyimgano", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(Gate, metrics=metrics, max_body_bytes=http.max_body_bytes, max_inflight=http.max_inflight,
@@ -125,7 +134,7 @@ def build_app(pool: ModelPool, metrics: ServeMetrics, decode_limits: DecodeLimit
     async def score(m, data: bytes, kind: str | None, name: str | None) -> dict:
         """Decode (thread), score (the model's batcher), answer (thread); one image."""
         try:
-            image = await run_in_threadpool(decode_image, data, decode_limits)
+            image = await on_thread(decode_image, data, decode_limits)
         except DataError as exc:
             raise _image_error(exc) from None
         try:
@@ -139,7 +148,7 @@ def build_app(pool: ModelPool, metrics: ServeMetrics, decode_limits: DecodeLimit
         if not math.isfinite(result.score):
             raise ApiError(422, "unusable_image", "the model gave a non-finite score for this image")
         try:
-            body = await run_in_threadpool(m.answer, image, result, kind)
+            body = await on_thread(m.answer, image, result, kind)
         except DataError as exc:
             raise ApiError(400, "bad_request", str(exc)) from None
         metrics.images.labels(model=m.name).inc()

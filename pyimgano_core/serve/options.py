@@ -18,6 +18,7 @@ class HttpLimits:
     max_inflight: int = 64  # requests between the socket and an answer; one more -> 503
     max_batch_images: int = 16  # images in one /v1/predict/batch request
     recent: int = 20  # results kept for the page's "last results"
+    io_threads: int = 4  # threads decoding requests and encoding PNG answers
 
 
 @dataclass(frozen=True)
