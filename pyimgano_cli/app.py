@@ -417,8 +417,8 @@ def main() -> None:
     except ModuleNotFoundError as exc:  # a lean install ("pyimgano[serve]") has no torch: fitting needs the extra
         if (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
             raise
-        err.print(f"[bold red]error:[/] this command needs {exc.name.split('.')[0]}, which is not installed; "
-                  'install it with: pip install "pyimgano[torch]"', highlight=False, soft_wrap=True)
+        err.print("[bold red]error:[/] " + escape(f"this command needs {exc.name.split('.')[0]}, which is not installed; "
+                  'install it with: pip install "pyimgano[torch]"'), highlight=False, soft_wrap=True)
         sys.exit(5)
 
 

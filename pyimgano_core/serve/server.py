@@ -42,6 +42,8 @@ def build(opts: ServeOptions):
     from .models import ModelPool, parse_specs
 
     specs = parse_specs(opts.models, opts.runtime)
+    if opts.runtime == "torch":  # before listening: a lean install says which extra, in one line
+        require("torch", extra="torch")
     token = read_token(opts.token_file) if opts.token_file else None
     metrics = ServeMetrics()
     pool = ModelPool(specs, opts.runtime, opts.batching, metrics)
@@ -51,7 +53,7 @@ def build(opts: ServeOptions):
 def serve(opts: ServeOptions, announce: Callable[[str], None] = lambda msg: None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code (0, or 4 when a model failed to load)."""
     uvicorn = require("uvicorn", extra="serve")
-    for module in ("fastapi", "multipart", "prometheus_client"):
+    for module in ("fastapi", "python_multipart", "prometheus_client"):
         require(module, extra="serve")
     t_start = time.monotonic()
     app, pool = build(opts)
