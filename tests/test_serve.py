@@ -270,6 +270,25 @@ def test_batcher_groups_waiting_requests_into_one_call():
         b.submit(1)
 
 
+def test_batcher_waits_only_for_announced_images():
+    calls = []
+    b = MicroBatcher(lambda items: calls.append(list(items)) or list(items), max_batch=4, max_wait_s=0.5, max_queue=8)
+    t0 = time.monotonic()
+    assert b.submit("alone").result(5) == "alone"
+    assert time.monotonic() - t0 < 0.25  # nothing announced: no wait for company
+    b.announce()  # an image still being decoded
+    first = b.submit("a")
+    time.sleep(0.05)
+    second = b.submit("b", announced=True)
+    assert (first.result(5), second.result(5)) == ("a", "b") and calls[-1] == ["a", "b"]  # one pass for both
+    b.announce()
+    f = b.submit("c")
+    time.sleep(0.05)
+    b.withdraw()  # its decode failed: the batch goes without it
+    assert f.result(5) == "c" and calls[-1] == ["c"]
+    b.close(5)
+
+
 @pytest.mark.parametrize("kind", ["rgb", "gray", "rgba"])
 def test_decode_gives_rgb_like_read_image(tmp_path, kind):
     rng = np.random.default_rng(1)

@@ -133,12 +133,16 @@ def build_app(pool: ModelPool, metrics: ServeMetrics, decode_limits: DecodeLimit
 
     async def score(m, data: bytes, kind: str | None, name: str | None) -> dict:
         """Decode (thread), score (the model's batcher), answer (thread); one image."""
+        m.batcher.announce()
         try:
             image = await on_thread(decode_image, data, decode_limits)
-        except DataError as exc:
-            raise _image_error(exc) from None
+        except BaseException as exc:
+            m.batcher.withdraw()
+            if isinstance(exc, DataError):
+                raise _image_error(exc) from None
+            raise
         try:
-            fut = m.batcher.submit(image)
+            fut = m.batcher.submit(image, announced=True)
         except Overloaded as exc:
             raise ApiError(503, "overloaded", f"{exc}; retry shortly", {"Retry-After": "1"}) from None
         try:
@@ -147,8 +151,8 @@ def build_app(pool: ModelPool, metrics: ServeMetrics, decode_limits: DecodeLimit
             raise ApiError(422, "unusable_image", str(exc)) from None
         if not math.isfinite(result.score):
             raise ApiError(422, "unusable_image", "the model gave a non-finite score for this image")
-        try:
-            body = await on_thread(m.answer, image, result, kind)
+        try:  # a PNG answer is encoded on a thread; the plain JSON one right here (one thread hop less)
+            body = await on_thread(m.answer, image, result, kind) if kind else m.answer(image, result, kind)
         except DataError as exc:
             raise ApiError(400, "bad_request", str(exc)) from None
         metrics.images.labels(model=m.name).inc()

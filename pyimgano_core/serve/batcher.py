@@ -1,9 +1,11 @@
 """Micro-batching: concurrent requests for one model share one forward pass.
 
 One worker thread per model takes the oldest waiting image, then whatever else is already
-queued (up to ``max_batch``), waiting at most ``max_wait_s`` for more, and scores them in one
-call. While a batch runs, new requests queue up, so under load batches fill by themselves and
-a lone client pays no more than ``max_wait_s``. The queue is bounded: a full queue refuses at
+queued (up to ``max_batch``), and scores them in one call. It waits for more (at most
+``max_wait_s``) only while other requests have announced an image that is still being
+decoded (:meth:`MicroBatcher.announce`), so a lone client never waits and concurrent ones
+share a pass. While a batch runs, new requests queue up, so under load batches fill by
+themselves. The queue is bounded: a full queue refuses at
 once (:class:`Overloaded`, HTTP 503 + Retry-After) instead of growing.
 """
 from __future__ import annotations
@@ -43,6 +45,7 @@ class MicroBatcher:
         self.on_batch = on_batch
         self._q: queue.Queue = queue.Queue(maxsize=max_queue)
         self._closing = False
+        self._incoming = 0  # images announced (being decoded), not yet submitted
         self._lock = threading.Lock()
         self._worker = threading.Thread(target=self._run, name=f"pyimgano-batch-{name}", daemon=True)
         self._worker.start()
@@ -51,9 +54,22 @@ class MicroBatcher:
         """Images waiting (not counting the batch being scored)."""
         return self._q.qsize()
 
-    def submit(self, item: Any) -> Future:
+    def announce(self) -> None:
+        """An image for this model is on its way (decoding): worth waiting for. Pair with
+        :meth:`submit` or :meth:`withdraw`."""
+        with self._lock:
+            self._incoming += 1
+
+    def withdraw(self) -> None:
+        """An announced image will not come (it could not be decoded)."""
+        with self._lock:
+            self._incoming -= 1
+
+    def submit(self, item: Any, announced: bool = False) -> Future:
         fut: Future = Future()
         with self._lock:
+            if announced:
+                self._incoming -= 1
             if self._closing:
                 raise Overloaded("the server is shutting down")
             try:
@@ -71,9 +87,14 @@ class MicroBatcher:
         while len(batch) < self.max_batch:
             left = deadline - time.monotonic()
             try:
-                job = self._q.get_nowait() if left <= 0 else self._q.get(timeout=left)
+                if left <= 0 or self._incoming <= 0:
+                    job = self._q.get_nowait()
+                else:  # short waits: an announced image may be withdrawn
+                    job = self._q.get(timeout=min(left, 0.0005))
             except queue.Empty:
-                break
+                if left <= 0 or self._incoming <= 0:
+                    break
+                continue
             if job is _STOP:  # finish this batch, then stop
                 self._q.put_nowait(_STOP)
                 break

@@ -8,7 +8,7 @@ from typing import Sequence
 @dataclass(frozen=True)
 class BatchSettings:
     max_batch: int = 8  # images per forward pass (at most engine.CHUNK = 16)
-    max_wait_ms: float = 2.0  # how long a lone request waits for company
+    max_wait_ms: float = 10.0  # longest wait for images still being decoded (a lone request never waits)
     max_queue: int = 32  # images waiting per model; one more -> 503
 
 
