@@ -13,10 +13,11 @@ body{font:15px system-ui,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
 header{background:#1d2330;color:#fff;padding:10px 18px;display:flex;gap:18px;align-items:center;flex-wrap:wrap}
 header h1{font-size:17px;margin:0 12px 0 0}
 main{display:grid;grid-template-columns:minmax(320px,2fr) minmax(260px,1fr);gap:16px;padding:16px}
-section{background:#fff;border-radius:6px;padding:14px;box-shadow:0 1px 2px #0002}
+section{background:#fff;border-radius:6px;padding:14px;box-shadow:0 1px 2px #0002;overflow-x:auto}
 #verdict{font-size:34px;font-weight:700;margin:6px 0}
 .bad{color:#c0262d}.good{color:#17803d}.none{color:#666}
-#overlay{max-width:100%;display:block;margin-top:10px}
+#overlay{width:100%;max-width:760px;display:block;margin-top:10px}
+#overlay:not([src]){display:none}
 table{border-collapse:collapse;width:100%;font-size:13px}td,th{padding:3px 6px;border-bottom:1px solid #e3e5ea;text-align:left}
 #status{min-height:1.2em;color:#8a4b00}
 </style></head><body>
