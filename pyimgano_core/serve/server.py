@@ -8,6 +8,7 @@ a free one (announced on stderr).
 """
 from __future__ import annotations
 
+import ctypes
 import signal
 import socket
 import threading
@@ -33,6 +34,18 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def bound_malloc() -> bool:
+    """glibc only: buffers over 256 KB (decoded frames, maps, request bodies) straight from mmap
+    and back to the OS when freed, and at most 4 malloc arenas. Without it glibc's dynamic mmap
+    threshold moves such buffers into per-thread heap arenas that keep their high-water mark: a
+    5,000-request soak grew the server's RSS by 84 MB before it levelled off."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.mallopt(-3, 256 << 10) == 1 and libc.mallopt(-8, 4) == 1  # M_MMAP_THRESHOLD, M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def build(opts: ServeOptions):
     """(ASGI app, its model pool) for ``opts``; specs and token checked here, models load with the
     app's lifespan (tests and benchmarks drive the app in-process with this)."""
@@ -52,6 +65,7 @@ def build(opts: ServeOptions):
 
 def serve(opts: ServeOptions, announce: Callable[[str], None] = lambda msg: None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code (0, or 4 when a model failed to load)."""
+    bound_malloc()
     uvicorn = require("uvicorn", extra="serve")
     for module in ("fastapi", "python_multipart", "prometheus_client"):
         require(module, extra="serve")
