@@ -378,7 +378,9 @@ def bench_lean(venv: Path, exact: Path) -> dict:
 
 def write_md(res: dict, path: Path) -> None:
     lines = ["# pyimgano serve on MVTec AD bottle (2 shared cores, loopback)", "",
-             "`python benchmarks/bench_serve.py` (see its docstring); numbers of one run, compare within it.", ""]
+             "`python benchmarks/bench_serve.py` (see its docstring); numbers of one run, compare within it. "
+             f"Load average after the last section: {', '.join(f'{x:.1f}' for x in res.get('load_average_after', []))} "
+             "(the 2 cores are shared with other jobs).", ""]
     h = res.get("http")
     if h:
         lines += ["## HTTP vs in-process (README model, pca_ivf, calibrated)", "",
