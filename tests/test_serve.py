@@ -157,6 +157,17 @@ def test_malformed_input_is_a_4xx_with_one_message(served, case):
     assert ok.status_code == 200  # and the server keeps serving
 
 
+def test_a_streamed_body_is_cut_at_the_limit(served):
+    client, (tmp, model, good, bad, _) = served
+
+    def chunks():  # no Content-Length: the limit applies while the body streams in
+        for _ in range(30):
+            yield b"\x89PNG\r\n\x1a\n" + b"0" * 10_000
+
+    r = client.post("/v1/predict", content=chunks(), headers={**AUTH, "Content-Type": "image/png"})
+    assert r.status_code == 413 and r.json() == {"error": "request body over 200000 bytes", "kind": "body_too_large"}
+
+
 def test_other_client_errors(served):
     client, (tmp, model, good, bad, _) = served
     r = client.post("/v1/predict?model=nope", content=good.read_bytes(), headers={**AUTH, "Content-Type": "image/png"})
