@@ -366,6 +366,40 @@ def export_onnx(model_dir: Path, out_file: Optional[Path] = typer.Option(None, "
 
 
 @app.command()
+def quantize(model_dir: Path, as_json: bool = JsonOpt) -> None:
+    """Write model.int8.onnx: the exported graph with int8 backbone convolutions, kept only if decisions and maps hold."""
+    from pyimgano_core.deploy.quantize import quantize_int8
+
+    info = _guard(lambda: quantize_int8(model_dir))
+    if as_json:
+        sys.stdout.write(json.dumps(info, default=str) + "\n")
+        return
+    p = info["parity"]
+    out.print(escape(f"wrote {info['file']} (sha256 {info['sha256'][:12]}..., {info['calibration_images']} calibration images)"), highlight=False)
+    out.print(escape(f"parity against the float32 graph on {p['n_images']} {p['images']}: largest relative difference score "
+                     f"{p['max_score_rel_diff']:.2g} (tolerance {p['score_rtol']:g}), map {p['max_map_rel_diff']:.2g} "
+                     f"(tolerance {p['map_rtol']:g})" + (f", {p['decision_flips']} decision flips" if p["decision_flips"] is not None else "")),
+              highlight=False)
+
+
+@app.command()
+def serve(models: list[str] = typer.Option(..., "--model", metavar="[NAME=]DIR", help="Model folder to serve (repeatable); NAME defaults to its category."),
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
+          port: int = typer.Option(8000, "--port", help="TCP port (0: any free port, announced on stderr)."),
+          runtime: str = typer.Option("torch", "--runtime", help="torch, onnx, openvino, onnx-int8 or openvino-int8."),
+          token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding a bearer token every request but /healthz, /readyz needs."),
+          max_batch: int = typer.Option(8, "--max-batch", min=1, max=16, help="Images per forward pass."),
+          max_queue: int = typer.Option(32, "--max-queue", min=1, help="Images waiting per model before 503."),
+          max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.001, help="Largest request body.")) -> None:
+    """Serve models over HTTP: /v1/predict, /v1/models, /healthz, /readyz, /metrics and a page at / (pip install "pyimgano[serve]")."""
+    from pyimgano_core.serve import BatchSettings, HttpLimits, ServeOptions, serve as run
+
+    opts = ServeOptions(models, runtime, host, port, str(token_file) if token_file else None, BatchSettings(max_batch=max_batch, max_queue=max_queue),
+                        HttpLimits(max_body_bytes=int(max_body_mb * 2**20)))
+    raise typer.Exit(_guard(lambda: run(opts, announce=lambda msg: err.print(escape(msg), highlight=False, soft_wrap=True))))
+
+
+@app.command()
 def sweep(config: Path, grid: list[str] = typer.Option(..., "--grid", help="key.path=v1,v2,... (repeatable): one run per combination."),
           set_: list[str] = SetOpt, out_root: Optional[Path] = OutOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
           ray: Optional[str] = RayOpt, resume: bool = ResumeOpt) -> None:
@@ -449,7 +483,14 @@ def data(config: Path, set_: list[str] = SetOpt, as_json: bool = JsonOpt) -> Non
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as exc:  # a lean install ("pyimgano[serve]") has no torch: fitting needs the extra
+        if (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
+            raise
+        err.print("[bold red]error:[/] " + escape(f"this command needs {exc.name.split('.')[0]}, which is not installed; "
+                  'install it with: pip install "pyimgano[torch]"'), highlight=False, soft_wrap=True)
+        sys.exit(5)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
-from .deploy.onnx_runtime import OnnxModel, load_onnx_model
+from .deploy.onnx_runtime import OnnxModel
+from .deploy.runtimes import load_graph_model
 from .engine import score_stream
 from .errors import ConfigError, DataError
+from .optional import require
 
 Channels = Literal["rgb", "bgr"]
 
@@ -55,27 +57,45 @@ class Inspector:
 
     def predict_many(self, images: Iterable, channels: Channels | None = None) -> Iterator[Inspection]:
         """Score images lazily, in the engine's chunks (bounded memory); ``channels``: as :meth:`predict`."""
-        thr = self.model.thresholds
-        items = [as_rgb(x, channels) for x in images]
-        for s in score_stream(self.model, items):
+        for s in score_stream(self.model, [as_rgb(x, channels) for x in images]):
             if s.error:
                 raise DataError(s.error)
-            full = mask = None
-            if s.amap is not None:
-                full = np.full(s.orig_hw, np.nan, np.float32)
-                full[s.region] = s.amap
-                if thr is not None and thr.pixel is not None:
-                    mask = self.model.postprocess.binarize(np.nan_to_num(full, nan=-np.inf), thr.pixel)
-            yield Inspection(s.score, None if thr is None else bool(s.score >= thr.image), full, mask)
+            yield self._inspection(s)
+
+    def predict_batch(self, images: Sequence, channels: Channels | None = None) -> list[Inspection | DataError]:
+        """Score up to ``engine.CHUNK`` images in one forward pass (a server's micro-batch).
+
+        An image the model cannot use (unreadable, smaller than its patch grid) gets its
+        :class:`DataError` in its place; the others are scored all the same. ``channels``: as
+        :meth:`predict`.
+        """
+        items = [as_rgb(x, channels) for x in images]
+        return [DataError(s.error) if s.error else self._inspection(s) for s in score_stream(self.model, items)]
+
+    def _inspection(self, s) -> Inspection:
+        thr = self.model.thresholds
+        full = mask = None
+        if s.amap is not None:
+            full = np.full(s.orig_hw, np.nan, np.float32)
+            full[s.region] = s.amap
+            if thr is not None and thr.pixel is not None:
+                mask = self.model.postprocess.binarize(np.nan_to_num(full, nan=-np.inf), thr.pixel)
+        return Inspection(s.score, None if thr is None else bool(s.score >= thr.image), full, mask)
+
+
+RUNTIMES = ("torch", "onnx", "openvino", "onnx-int8", "openvino-int8")
+Runtime = Literal["torch", "onnx", "openvino", "onnx-int8", "openvino-int8"]
 
 
 def load_for_runtime(folder: str | Path, runtime: str = "torch") -> Model | OnnxModel:
-    """A saved model for the torch path (:class:`Model`) or for onnxruntime (``deploy.onnx_runtime``)."""
-    if runtime == "onnx":
-        return load_onnx_model(folder)
+    """A saved model for the torch path (:class:`Model`), or its exported graph on another runtime
+    (``deploy.runtimes``: onnxruntime or OpenVINO, fp32 or int8; no torch import)."""
     if runtime != "torch":
-        raise ConfigError(f"runtime must be 'torch' or 'onnx', got {runtime!r}")
-    from .model import Model
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
+        return load_graph_model(folder, runtime)
+    require("torch", extra="torch")
+    from .model import Model  # torch: only on this path
 
     return Model.load(folder)
 
@@ -93,11 +113,12 @@ def as_rgb(image, channels: Channels | None):
     return arr  # other shapes are refused by the engine with their own message
 
 
-def load_model(folder: str | Path, runtime: Literal["torch", "onnx"] = "torch") -> Inspector:
+def load_model(folder: str | Path, runtime: Runtime = "torch") -> Inspector:
     """Load a model folder written by ``pyimgano fit`` (no code is executed while loading).
 
-    ``runtime="onnx"`` scores with the graph written by ``pyimgano export-onnx`` on onnxruntime
-    (no torch import; the graph's sha256 must match model.json); thresholds and post-processing
-    are the same as with ``runtime="torch"``.
+    ``runtime="onnx"`` scores with the graph written by ``pyimgano export-onnx`` on onnxruntime,
+    ``"openvino"`` the same graph on OpenVINO (no torch import for either; the graph's sha256
+    must match model.json); ``"onnx-int8"`` / ``"openvino-int8"`` the int8 graph written by
+    ``pyimgano quantize``. Thresholds and post-processing are the same as with ``"torch"``.
     """
     return Inspector(load_for_runtime(folder, runtime))

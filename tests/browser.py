@@ -41,6 +41,7 @@ class PageResult:
     screenshot: bytes
     errors: list[str] = field(default_factory=list)
     size: tuple[int, int] = (0, 0)
+    script_result: object = None
 
 
 class _Pipe:
@@ -101,8 +102,11 @@ def _errors(events: list[dict]) -> list[str]:
     return out
 
 
-def open_page(url: str, width: int = 1366, height: int = 900, timeout: float = 90.0) -> PageResult:
-    """Load ``url``; return its rendered text, a full-page PNG and every error it logged."""
+def open_page(url: str, width: int = 1366, height: int = 900, timeout: float = 90.0, script: str | None = None) -> PageResult:
+    """Load ``url``; return its rendered text, a full-page PNG and every error it logged.
+
+    ``script``: a JavaScript expression evaluated after the load (a promise is awaited) before
+    the text is read; its value is returned as ``script_result`` (to drive a page's controls)."""
     exe = find_chromium()
     if exe is None:
         raise FileNotFoundError("no Chromium found (" + ", ".join(CANDIDATES) + " or $CHROMIUM)")
@@ -134,6 +138,10 @@ def open_page(url: str, width: int = 1366, height: int = 900, timeout: float = 9
             pipe.events.clear()
             pipe.call("Page.navigate", {"url": url}, session=session)
             pipe.wait_event("Page.loadEventFired", timeout=timeout)
+            result = None
+            if script is not None:
+                result = pipe.call("Runtime.evaluate", {"expression": script, "awaitPromise": True, "returnByValue": True},
+                                   session=session, timeout=timeout)["result"].get("value")
             text = pipe.call("Runtime.evaluate", {"expression": "document.body.innerText", "returnByValue": True},
                              session=session)["result"].get("value", "")
             size = pipe.call("Page.getLayoutMetrics", session=session)["cssContentSize"]
@@ -146,7 +154,7 @@ def open_page(url: str, width: int = 1366, height: int = 900, timeout: float = 9
                 pipe.call("Browser.close", timeout=10)
             except (RuntimeError, TimeoutError):
                 pass
-            return PageResult(text=text, screenshot=base64.b64decode(shot), errors=errors, size=full)
+            return PageResult(text=text, screenshot=base64.b64decode(shot), errors=errors, size=full, script_result=result)
         finally:
             os.close(to_child_w)
             os.close(from_child_r)

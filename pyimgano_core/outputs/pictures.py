@@ -124,7 +124,7 @@ def display_range(model: Model) -> tuple[float, float] | None:
     thr = model.thresholds
     if thr is not None and thr.pixel is not None and thr.pixel_median is not None:
         return thr.pixel_median, 2 * thr.pixel - thr.pixel_median
-    rec = model.meta.get("display_range")
+    rec = (model.meta or {}).get("display_range")
     if rec:
         return float(rec["lo"]), float(rec["hi"])
     return None
