@@ -126,7 +126,8 @@ def test_no_private_names_across_modules():
 
 
 HEAVY_PACKAGES = {"torch", "torchvision", "matplotlib", "ray", "sklearn", "faiss", "onnx", "onnxruntime", "openvino",
-                  "timm", "open_clip", "anomalib", "fastapi", "uvicorn", "scipy", "typer", "rich"}
+                  "timm", "open_clip", "anomalib", "fastapi", "uvicorn", "prometheus_client", "starlette", "scipy",
+                  "typer", "rich"}
 
 
 def _runtime_imports(path: Path) -> tuple[set[str], set[str]]:

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelError
+from ..data.io import read_image
+from ..errors import DataError, ModelError
 from ..optional import require
-from ..outputs import write_bytes_atomic
+from ..outputs.files import write_bytes_atomic
 from .onnx_export import N_PARITY_IMAGES, compare
 from .onnx_runtime import build_onnx_model, read_doc, session_from_bytes, sha256_bytes
 from .runtimes import graph_section, read_checked
@@ -38,9 +39,6 @@ MAX_CALIBRATION_IMAGES = 32
 
 def calibration_inputs(model, folder: Path) -> tuple[list[str], list[np.ndarray]]:
     """The readable calibration images of one model-input size, and their graph inputs."""
-    from ..data.io import read_image
-    from ..errors import DataError
-
     geo, hw = model.detector.geometry, tuple(model.detector.input_hw)
     paths, inputs = [], []
     for p in (model.meta or {}).get("holdout") or []:

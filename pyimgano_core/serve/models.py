@@ -18,6 +18,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from ..data.io import read_image
 from ..deploy.onnx_runtime import read_doc
 from ..errors import ConfigError, DataError, ModelError
 from ..infer import RUNTIMES, Inspection, Inspector, load_model
@@ -157,8 +158,6 @@ class ModelPool:
 
 def warmup_image(inspector: Inspector) -> np.ndarray:
     """A first image for the model: its first readable calibration image, else mid-grey noise."""
-    from ..data.io import read_image
-
     for path in (inspector.model.meta or {}).get("holdout") or []:
         try:
             return read_image(path)

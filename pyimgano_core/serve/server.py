@@ -17,6 +17,7 @@ from typing import Callable
 
 from ..errors import ConfigError, ModelError
 from ..optional import require
+from .auth import read_token
 from .options import ServeOptions
 
 
@@ -48,8 +49,7 @@ def bound_malloc() -> bool:
 def build(opts: ServeOptions):
     """(ASGI app, its model pool) for ``opts``; specs and token checked here, models load with the
     app's lifespan (tests and benchmarks drive the app in-process with this)."""
-    from .app import build_app
-    from .auth import read_token
+    from .app import build_app  # FastAPI and prometheus_client: the serve extra, loaded here
     from .metrics import ServeMetrics
     from .models import ModelPool, parse_specs
 
