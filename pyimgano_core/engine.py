@@ -13,6 +13,7 @@ from __future__ import annotations
 import resource
 import time
 from collections import deque
+from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -431,8 +432,9 @@ def export_images(model: Model, images: Sequence[Path], out_dir: Path, progress:
     ``predictions.jsonl`` (:class:`~.outputs.predictions.ExportWriter`). Streams: memory does not
     grow with the number of images. An unreadable image is reported in the summary and skipped."""
     check_writable(out_dir)
-    with folder_lock(out_dir, "export-maps"), ExportWriter(model, out_dir, base) as writer:
-        for s in score_stream(model, list(images), progress, f"exporting maps for {len(images)} images", keep_images=True):
+    stream = score_stream(model, list(images), progress, f"exporting maps for {len(images)} images", keep_images=True)
+    with folder_lock(out_dir, "export-maps"), ExportWriter(model, out_dir, base) as writer, closing(stream):
+        for s in stream:  # closing: an interrupt stops the decoders here, not in a garbage-collected generator
             path = Path(images[s.index])
             if s.error:
                 writer.fail(path, s.error)
