@@ -5,7 +5,7 @@
 MODEL folders are fitted beforehand (never committed), e.g. into /tmp:
 
     pyimgano fit configs/mvtec_patchcore_mobilenet.yaml --set calibration.holdout_fraction=0.1 \\
-        --set detector.params.knn_index=pca_ivf --set name=readme_pca_ivf --out /tmp/serve_models
+        --set detector.params.knn.kind=pca_ivf --set name=readme_pca_ivf --out /tmp/serve_models
     pyimgano fit configs/mvtec_patchcore_mobilenet.yaml --set calibration.holdout_fraction=0.1 \\
         --set name=readme_exact --out /tmp/serve_models
     pyimgano export-onnx /tmp/serve_models/readme_exact/bottle/model     # onnx / openvino runtimes

@@ -83,7 +83,8 @@ class ModelDoc(_Loose):
     postprocess: dict[str, Any]
     thresholds: Optional[_Thresholds] = None
     meta: _Meta = Field(default_factory=_Meta)
-    onnx: Optional[dict[str, Any]] = None
+    onnx: Optional[dict[str, Any]] = None  # export-onnx's graph section (deploy/onnx_export.py)
+    int8: Optional[dict[str, Any]] = None  # pyimgano quantize's int8 graph section (deploy/quantize.py)
     model_json_sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")
 
 

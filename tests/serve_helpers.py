@@ -9,7 +9,7 @@ import numpy as np
 from tests.synth import normal_image, plant_blob, write_image
 
 TINY = dict(backbone="mobilenet_v2", layers=["features.3", "features.6"], weights=None, image_size=48, crop=None, resize_mode="squash",
-            coreset_ratio=0.5, pretrain_embed_dim=40, target_embed_dim=32)
+            coreset={"ratio": 0.5}, pretrain_embed_dim=40, target_embed_dim=32)
 
 
 def tiny_model(tmp: Path, category: str = "widget") -> tuple[Path, Path, Path]:

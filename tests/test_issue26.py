@@ -57,7 +57,7 @@ def test_export_onnx_files_honour_the_umask(tree, tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     params = dict(backbone="mobilenet_v2", layers=["features.3", "features.6"], weights=None, image_size=48, crop=None,
-                  resize_mode="squash", coreset_ratio=0.5, pretrain_embed_dim=40, target_embed_dim=32)
+                  resize_mode="squash", coreset={"ratio": 0.5}, pretrain_embed_dim=40, target_embed_dim=32)
     cfg = write_config(tmp_path / "c.yaml", tree, params=params, calibration={"holdout_fraction": 0.34})
     assert run("fit", cfg, "--out", tmp_path, "-q").exit_code == 0
     folder = tmp_path / "t/widget/model"

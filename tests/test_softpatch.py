@@ -129,7 +129,7 @@ def test_planted_noisy_patches_are_dropped_and_weigh_more(train_images, method):
     assert scores[planted].min() > det.outlier_cutoff_
     n = scores.size
     assert det.n_excluded_patches_ == n - int(np.floor(0.85 * (n - 1))) - 1  # strictly above the 0.85 quantile
-    assert len(det.memory_) == n - det.n_excluded_patches_  # coreset_ratio=1: every kept patch
+    assert len(det.memory_) == n - det.n_excluded_patches_  # coreset.ratio=1: every kept patch
     assert not rows_in(det.memory_, planted_features(train_images)).any()
     # soft weights: contaminated > clean, and the memory keeps the clean patches' weights
     w = soft_weights(scores.ravel(), method).reshape(scores.shape)

@@ -27,7 +27,8 @@ import numpy as np
 from ..data.io import read_image
 from ..errors import DataError, ModelError
 from ..optional import require
-from ..outputs.files import write_bytes_atomic
+from ..model_doc import seal
+from ..outputs.files import dumps, write_bytes_atomic
 from .onnx_export import N_PARITY_IMAGES, compare
 from .onnx_runtime import build_onnx_model, read_doc, session_from_bytes, sha256_bytes
 from .runtimes import graph_section, read_checked
@@ -123,5 +124,6 @@ def quantize_int8(folder: str | Path) -> dict:
     doc = read_doc(folder)
     write_bytes_atomic(folder / section["file"], int8)
     doc["int8"] = section
-    write_bytes_atomic(folder / "model.json", json.dumps(doc, indent=2).encode())
+    # strict JSON (a non-finite tolerance becomes null) and sealed again: its sha256 covers the int8 section
+    write_bytes_atomic(folder / "model.json", dumps(seal(json.loads(dumps(doc))), indent=2).encode())
     return section
