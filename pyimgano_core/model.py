@@ -23,7 +23,7 @@ from . import __version__
 from .calibration import Thresholds
 from .artifacts import load_backbone, save_backbone
 from .detectors import Detector, get_detector_class
-from .errors import ModelError, OutputError, PyimganoError
+from .errors import ModelError, PyimganoError
 from .outputs.files import check_writable, clean_stale, dumps, temp_path, write_error
 from .postprocess import AnomalyMapPostprocess, PostprocessConfig
 from .model_doc import check_sha, read_model_json, seal

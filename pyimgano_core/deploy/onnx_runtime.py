@@ -13,7 +13,6 @@ servers with numpy, OpenCV and onnxruntime only (tests/test_onnx.py checks this)
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +152,20 @@ def build_onnx_model(doc: dict, info: dict, session) -> OnnxModel:
     return OnnxModel(det, post, thr, doc.get("meta", {}), info)
 
 
+def read_graph(folder: Path, info: dict) -> bytes:
+    """The bytes of the graph a model.json section names, refused unless their sha256 is the recorded one."""
+    path = onnx_path(folder, info)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{folder}: cannot read the graph {path} ({exc.strerror or exc})") from None
+    digest = sha256_bytes(data)
+    if digest != info.get("sha256"):
+        raise ModelError(f"{path}: sha256 {digest[:12]}... does not match {str(info.get('sha256'))[:12]}... recorded in "
+                         "model.json: the graph was changed after it was written; refusing it (export it again)")
+    return data
+
+
 def load_onnx_model(folder: str | Path, threads: int | None = None) -> OnnxModel:
     """Load an exported model folder for onnxruntime; refuse a graph whose sha256 differs from model.json's.
 
@@ -163,15 +176,7 @@ def load_onnx_model(folder: str | Path, threads: int | None = None) -> OnnxModel
     info = doc.get("onnx")
     if not info:
         raise ModelError(f"{folder}: no ONNX graph recorded in model.json; run: pyimgano export-onnx {folder}")
-    path = onnx_path(folder, info)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"{folder}: cannot read the ONNX graph {path} ({exc.strerror or exc})") from None
-    digest = sha256_bytes(data)
-    if digest != info.get("sha256"):
-        raise ModelError(f"{path}: sha256 {digest[:12]}... does not match {str(info.get('sha256'))[:12]}... recorded in "
-                         f"model.json: the graph was changed after export; refusing it (run pyimgano export-onnx again)")
+    data = read_graph(folder, info)
     check_sha(doc, folder / "model.json")
     try:
         return build_onnx_model(doc, info, session_from_bytes(data, threads))

@@ -30,8 +30,8 @@ from ..optional import require
 from ..model_doc import seal
 from ..outputs.files import dumps, write_bytes_atomic
 from .onnx_export import N_PARITY_IMAGES, compare
-from .onnx_runtime import build_onnx_model, read_doc, session_from_bytes, sha256_bytes
-from .runtimes import graph_section, read_checked
+from .onnx_runtime import build_onnx_model, read_doc, read_graph, session_from_bytes, sha256_bytes
+from .runtimes import graph_section
 
 INT8_SCORE_RTOL = 0.05
 INT8_MAP_RTOL = 0.10
@@ -83,7 +83,7 @@ def int8_graph(folder: str | Path) -> tuple[bytes, dict, object, object, list[st
     folder = Path(folder)
     doc = read_doc(folder)
     info = graph_section(doc, folder, "onnx")
-    data = read_checked(folder, info)
+    data = read_graph(folder, info)
     fp32 = build_onnx_model(doc, info, session_from_bytes(data))
     paths, inputs = calibration_inputs(fp32, folder)
     graph = onnx.load_from_string(data)

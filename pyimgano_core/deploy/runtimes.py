@@ -20,7 +20,8 @@ import numpy as np
 
 from ..errors import ModelError
 from ..optional import require
-from .onnx_runtime import OnnxModel, build_onnx_model, onnx_path, read_doc, session_from_bytes, sha256_bytes
+from ..model_doc import check_sha
+from .onnx_runtime import OnnxModel, build_onnx_model, read_doc, read_graph, session_from_bytes
 
 
 class OpenVinoSession:
@@ -53,19 +54,6 @@ def graph_section(doc: dict, folder: Path, key: str) -> dict:
     return info
 
 
-def read_checked(folder: Path, info: dict) -> bytes:
-    path = onnx_path(folder, info)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"{folder}: cannot read the graph {path} ({exc.strerror or exc})") from None
-    digest = sha256_bytes(data)
-    if digest != info.get("sha256"):
-        raise ModelError(f"{path}: sha256 {digest[:12]}... does not match {str(info.get('sha256'))[:12]}... recorded in "
-                         "model.json: the graph was changed after it was written; refusing it")
-    return data
-
-
 def make_session(data: bytes, engine: str, threads: int | None = None):
     if engine == "openvino":
         return OpenVinoSession(data, threads)
@@ -80,7 +68,8 @@ def load_graph_model(folder: str | Path, runtime: str, threads: int | None = Non
     doc = read_doc(folder)
     onnx_info = graph_section(doc, folder, "onnx")
     info = onnx_info if not precision else {**onnx_info, **graph_section(doc, folder, "int8")}
-    data = read_checked(folder, info)
+    data = read_graph(folder, info)
+    check_sha(doc, folder / "model.json")  # the section read above is the one sealed
     try:
         return build_onnx_model(doc, info, make_session(data, engine, threads))
     except (KeyError, TypeError, ValueError) as exc:
