@@ -193,6 +193,7 @@ PROTOTYPES = {"rot4_bank": (0, 90, 180, 270)}
 EQ7_B = 9
 RULES = ("max", "top1pct_mean", "top10_mean", f"eq7_b{EQ7_B}", "blurred_max")
 DEFAULT_RULE = "top1pct_mean"  # the README config's aggregation: topk_mean, topk_ratio 0.01
+RULE_ROWS = ("default", "concat", "tap3")  # configs whose rows are also shown under every other score rule
 FG_THRESHOLD = 40  # grey levels from the background colour that make a pixel foreground
 FG_BORDER_STD = 12  # a plain background: the border pixels' std (grey levels) below this
 
@@ -354,7 +355,7 @@ def summary_rows(cells: list[dict]) -> list[dict]:
     for c in cells:
         by.setdefault(c["config"], {})[c["category"]] = c
         for rule, v in c["image_auroc_rules"].items():
-            if rule != DEFAULT_RULE and c["config"] in ("default", "concat"):
+            if rule != DEFAULT_RULE and c["config"] in RULE_ROWS:
                 by.setdefault(f"{c['config']} @ {rule}", {})[c["category"]] = dict(c, image_auroc=v)
     out = []
     for config, cats in by.items():
