@@ -418,7 +418,7 @@ def test_fit_progress_has_totals_rates_and_eta_uncut_at_80_columns(tree, tmp_pat
 
 
 def test_results_table_keeps_defect_names_whole_at_80_columns():
-    from pyimgano_cli.app import results_table
+    from pyimgano_cli.common import results_table
 
     metrics = {k: 0.5 for k in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")}
     summary = {"name": "mvtec_patchcore_mobilenet", "detector": "patchcore", "mean": metrics,
