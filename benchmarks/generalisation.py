@@ -39,7 +39,10 @@ foreground mask is applied to the same fitted model (a second scoring pass).
 
     python benchmarks/generalisation.py --build                # data -> /work/gen_data (idempotent)
     nice -n 10 python benchmarks/generalisation.py --configs default concat   # resumable cells
-    python benchmarks/generalisation.py --report               # reports/generalisation.{json,md}
+    nice -n 10 python benchmarks/generalisation.py --fit-time default tap3 --repeats 1            # alternated
+    nice -n 10 python benchmarks/generalisation.py --work /tmp/gen/ftA --fit-time default &       # concurrent,
+    nice -n 10 python benchmarks/generalisation.py --work /tmp/gen/ftB --fit-time tap3           # CPU seconds too
+    python benchmarks/generalisation.py --report --notes NOTES.md   # reports/generalisation.{json,md}
 
 fit s = wall-clock of ``Detector.fit`` (image loading + backbone + coreset), no cache, on a shared
 2-core machine (five engineers' jobs at once): compare within one run only.
