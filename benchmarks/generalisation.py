@@ -179,18 +179,18 @@ CONFIGS: dict[str, dict] = {
     "concat": {"feature_aggregation": "concat"},
     # each tap the same expected share of a squared distance (32 vs 96 channels): issue 18's balanced mix
     "concat_balanced": {"feature_aggregation": "concat", "layer_weights": [round(float(np.sqrt(96 / 32)), 4), 1.0]},
-    "coreset_0.01": {"coreset_ratio": 0.01},
-    "coreset_0.03": {"coreset_ratio": 0.03},
+    "coreset_0.01": {"coreset": {"ratio": 0.01}},
+    "coreset_0.03": {"coreset": {"ratio": 0.03}},
     "size_256": {"image_size": 256},
     "size_320": {"image_size": 320},
     "tap3": {"layers": ["features.6", "features.13", "features.16"]},
     "concat_tap3": {"feature_aggregation": "concat", "layers": ["features.6", "features.13", "features.16"]},
     "concat_256": {"feature_aggregation": "concat", "image_size": 256},
-    "concat_c0.03": {"feature_aggregation": "concat", "coreset_ratio": 0.03},
+    "concat_c0.03": {"feature_aggregation": "concat", "coreset": {"ratio": 0.03}},
     # prototypes (no product option yet): see PROTOTYPES
     # 4 rotated copies of every training image at a quarter of coreset_0.01's ratio: the same memory size as
     # coreset_0.01 (its comparison row) and a cheaper coreset than the default's (0.1 x 4 copies would cost 16x)
-    "rot4_bank": {"coreset_ratio": 0.0025},
+    "rot4_bank": {"coreset": {"ratio": 0.0025}},
 }
 PROTOTYPES = {"rot4_bank": (0, 90, 180, 270)}
 EQ7_B = 9
