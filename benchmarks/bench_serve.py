@@ -115,9 +115,12 @@ class Server:
         return self.proc.wait(60)
 
 
-def throughput(server: Server, bodies: list[bytes], clients: int, n: int) -> dict:
-    """n POSTs from ``clients`` threads (each its own keep-alive connection): images/s, statuses."""
-    lock, next_i, codes, lat = threading.Lock(), [0], [], []
+def fan_out(server: Server, clients: int, n: int, one, results: list | None = None) -> list:
+    """Requests 0..n-1 from ``clients`` threads, each on its own keep-alive connection:
+    ``one(i, conn) -> (result, conn)`` (it may replace a closed connection). Results are appended to
+    ``results`` as they finish (a sampler may watch its length), in finishing order."""
+    lock, next_i = threading.Lock(), [0]
+    results = [] if results is None else results
 
     def run():
         conn = server.connection()
@@ -127,20 +130,30 @@ def throughput(server: Server, bodies: list[bytes], clients: int, n: int) -> dic
                 next_i[0] += 1
             if i >= n:
                 break
-            t = time.perf_counter()
-            status, _ = server.request("POST", "/v1/predict", bodies[i % len(bodies)], conn=conn)
+            result, conn = one(i, conn)
             with lock:
-                codes.append(status)
-                lat.append(time.perf_counter() - t)
+                results.append(result)
         conn.close()
 
     threads = [threading.Thread(target=run) for _ in range(clients)]
-    t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return results
+
+
+def throughput(server: Server, bodies: list[bytes], clients: int, n: int) -> dict:
+    """n POSTs from ``clients`` threads (each its own keep-alive connection): images/s, statuses."""
+    def one(i, conn):
+        t = time.perf_counter()
+        status, _ = server.request("POST", "/v1/predict", bodies[i % len(bodies)], conn=conn)
+        return (status, time.perf_counter() - t), conn
+
+    t0 = time.perf_counter()
+    results = fan_out(server, clients, n, one)
     wall = time.perf_counter() - t0
+    codes, lat = [c for c, _ in results], [s for _, s in results]
     return {"clients": clients, "requests": n, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 2),
             "non_200": sum(c != 200 for c in codes), **summary_ms(lat)}
 
@@ -240,44 +253,29 @@ def bench_soak(model: Path, n: int, clients: int = 4, seed: int = 0) -> dict:
             k = rng.choice(sorted(bad_kinds))
             plan.append((k, *bad_kinds[k]))
     server = Server("--model", str(model))
-    lock, next_i, rows = threading.Lock(), [0], []
+    rows: list = []
 
-    def run():
-        conn = server.connection()
-        while True:
-            with lock:
-                i = next_i[0]
-                next_i[0] += 1
-            if i >= n:
-                break
-            kind, body, ctype = plan[i]
-            try:
-                status, data = server.request("POST", "/v1/predict", body, ctype, conn=conn)
-            except (OSError, http.client.HTTPException):  # the server closed the connection (e.g. after an error answer)
-                conn.close()
-                conn = server.connection()
-                status, data = server.request("POST", "/v1/predict", body, ctype, conn=conn)
-            try:
-                msg = json.loads(data).get("error")
-            except ValueError:
-                msg = None
-            with lock:
-                rows.append((kind, status, msg))
-        conn.close()
+    def one(i, conn):
+        kind, body, ctype = plan[i]
+        try:
+            status, data = server.request("POST", "/v1/predict", body, ctype, conn=conn)
+        except (OSError, http.client.HTTPException):  # the server closed the connection (e.g. after an error answer)
+            conn.close()
+            conn = server.connection()
+            status, data = server.request("POST", "/v1/predict", body, ctype, conn=conn)
+        try:
+            msg = json.loads(data).get("error")
+        except ValueError:
+            msg = None
+        return (kind, status, msg), conn
 
-    def phase():
-        threads = [threading.Thread(target=run) for _ in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    def phase(count: int) -> None:
+        fan_out(server, clients, count, one, rows)
 
     # warm-up: the first 200 requests of the plan, same clients (allocator arenas and caches of
     # every thread settle); the soak proper then replays the whole plan of n requests
-    n_total, n = n, min(200, n)
-    phase()
+    phase(min(200, n))
     rows.clear()
-    n, next_i[0] = n_total, 0
     rss0, samples, done = server.rss_mb(), [], threading.Event()
 
     def sample():
