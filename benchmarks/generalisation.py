@@ -111,7 +111,8 @@ SOURCES = {
     "ballscrew": "BSData (2Obe/BSData): ball-screw-drive spindles, type 2 at 460x1130 px (688 pitting-free, 167 with "
                  f"pitting); {N_TRAIN} train / {N_TEST_GOOD} good + {N_TEST_BAD} pitting test, masks = the labelme pitting polygons",
     "weld": "Battery-Weld-Anomaly-Detection-Dataset (LaoGeZi6666, CC BY-SA 4.0), raw zip as shipped: battery weld seams, "
-            "37 train / 35 good + 93 defective test, masks as shipped (grey, mixed sizes 89-392 x 400)",
+            "37 train / 35 good + 93 defective test, masks as shipped (grey, mixed sizes 89-392 x 400; the zip's 40 "
+            "masks without an image left out)",
     "solar": "ELPV (zae-bayern/elpv-dataset): electroluminescence images of monocrystalline solar cells, 300x300 grey; "
              f"{N_TRAIN} train / {N_TEST_GOOD} good (defect probability 0) + {N_TEST_BAD} defective (probability 1) test; "
              "no masks: image AUROC only",
@@ -703,6 +704,9 @@ def main() -> None:
             results["bottle_fit_time"] = ft
         if args.notes and args.notes.is_file():
             results["notes"] = args.notes.read_text()
+        for c in results["cells"] + results.get("earlier_cells", []):  # the same text in every cell: kept in --work
+            c.pop("protocol", None)
+            c.pop("machine", None)
         args.out.write_text(json.dumps(_r(results), separators=(",", ":")) + "\n")
         args.out.with_suffix(".md").write_text(markdown(results))
 
