@@ -84,10 +84,10 @@ MTILE_RUNS = {"mtile_dark": ("exp1", "exp2"), "mtile_mid": ("exp3", "exp4"), "mt
 MTILE_TYPES = ("Blowhole", "Break", "Crack", "Fray", "Uneven")
 MTILE_N_TEST_GOOD, MTILE_N_TRAIN, MTILE_N_PER_TYPE = 30, 120, 12
 SHIFT_PX, WHITE = 60, 255
-REAL = ("pcb", "ballscrew", "weld", "solar")  # further real parts, from public repositories (see SOURCES)
-CATEGORIES = ["bottle", "bottle_rot", "bottle_shift", *MTILE_RUNS, *REAL]
-IMAGE_ONLY = ("solar",)
-TRANSFORMED = ("bottle_rot", "bottle_shift")  # synthetic variations of a real category  # no pixel ground truth: image AUROC only
+FETCHED = ("pcb", "ballscrew", "weld", "solar")  # further real parts, from public repositories (see SOURCES)
+CATEGORIES = ["bottle", "bottle_rot", "bottle_shift", *MTILE_RUNS, *FETCHED]
+IMAGE_ONLY = ("solar",)  # no pixel ground truth: image AUROC only
+TRANSFORMED = ("bottle_rot", "bottle_shift")  # synthetic variations of a real category
 N_TRAIN, N_TEST_GOOD, N_TEST_BAD = 150, 60, 60  # per real category, drawn with seed 0
 # public snapshots (``fetch``: github:<repo>), read with ``git --git-dir <mirror>/<owner>+<name>/repo`` at these commits
 MIRROR = Path("/work/.mirror")
@@ -465,7 +465,7 @@ def run_cell(config: str, category: str, data: Path, work: Path) -> list[dict]:
             # the README config holds 10% of the good training images out of the memory bank for its thresholds
             "holdout_fraction": cfg.calibration.holdout_fraction if cfg.calibration else 0.0}
     variants = [(config, None, {})]
-    if config == "two_tap" and category not in REAL:  # foreground masking costs no refit: same model, masked patch scores
+    if config == "two_tap" and category not in FETCHED:  # foreground masking costs no refit: same model, masked patch scores
         mask, info = foreground_mask([s.path for s in split.train], det.geometry)
         variants.append((f"{config}+fgmask", mask, info))
     rows = []
