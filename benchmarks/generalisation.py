@@ -32,10 +32,9 @@ juice_bottle -- is not touched). Every category is written in MVTec AD layout so
                   ELPV solar cells (no masks: image AUROC only). The evaluation set is not among them.
 
 Configurations: each is the detector settings of configs/mvtec_patchcore_mobilenet.yaml (the
-README config, ``two_tap``) plus the overrides in CONFIGS; a few candidates that have no product option yet
-are prototyped here (PROTOTYPES): bank augmentation = the training images fitted under rotations
-(AnomalyDINO's lazy ``RotatedImages``, wired into PatchCore for this run only), foreground masking
-= patch scores multiplied by a mask built from the training images (see ``foreground_mask``).
+README config, ``two_tap``) plus the overrides in CONFIGS (bank augmentation: PatchCore's
+``rotations``); foreground masking, which has no product option, is prototyped here: patch scores
+multiplied by a mask built from the training images (see ``foreground_mask``).
 Score rules need no refit: every rule is recorded from the same prediction (``RULES``), and the
 foreground mask is applied to the same fitted model (a second scoring pass).
 
@@ -59,7 +58,6 @@ import platform
 import subprocess
 import time
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -70,7 +68,6 @@ from pyimgano_core import metrics as M
 from pyimgano_core.config import load_config
 from pyimgano_core.data import load_splits
 from pyimgano_core.detectors import patchcore as pc
-from pyimgano_core.detectors.anomalydino import RotatedImages
 from pyimgano_core.detectors.patchknn import aggregate
 from pyimgano_core.engine import build_model, evaluate_split
 
@@ -346,12 +343,10 @@ CONFIGS: dict[str, dict] = {
     # aspect kept, about 224 x 224 pixels (the same patch count): only non-square parts change
     "auto_tap3": {"image_size": "auto", "layers": THREE_TAPS},
     "size_320_tap3": {"image_size": 320, "layers": THREE_TAPS},
-    # prototypes (no product option yet): see PROTOTYPES
     # 4 rotated copies of every training image at a quarter of coreset_0.01's ratio: the same memory size as
     # coreset_0.01 (its comparison row) and a cheaper coreset than the default's (0.1 x 4 copies would cost 16x)
-    "rot4_bank": {"coreset": {"ratio": 0.0025}, "layers": TWO_TAPS},
+    "rot4_bank": {"rotations": [0, 90, 180, 270], "coreset": {"ratio": 0.0025}, "layers": TWO_TAPS},
 }
-PROTOTYPES = {"rot4_bank": (0, 90, 180, 270)}
 EQ7_B = 9
 RULES = ("max", "top1pct_mean", "top10_mean", f"eq7_b{EQ7_B}", "blurred_max")
 DEFAULT_RULE = "top1pct_mean"  # the README config's aggregation: topk_mean, topk_ratio 0.01
@@ -359,24 +354,6 @@ RULE_ROWS = ("two_tap", "tap3", "concat")  # configs whose rows are also shown u
 BASELINES = ("two_tap",)  # the README default
 FG_THRESHOLD = 40  # grey levels from the background colour that make a pixel foreground
 FG_BORDER_STD = 12  # a plain background: the border pixels' std (grey levels) below this
-
-
-@contextmanager
-def patched_references(angles):
-    """Fit PatchCore on each training image under every angle in ``angles`` (prototype of bank augmentation)."""
-    if not angles:
-        yield
-        return
-    had = "_references" in pc.PatchCore.__dict__
-    old = pc.PatchCore.__dict__.get("_references")
-    pc.PatchCore._references = lambda self, images: (RotatedImages(images, angles), None)
-    try:
-        yield
-    finally:
-        if had:
-            pc.PatchCore._references = old
-        else:
-            del pc.PatchCore._references
 
 
 def foreground_mask(train_paths: list, geometry) -> tuple[np.ndarray | None, dict]:
@@ -455,8 +432,7 @@ def run_cell(config: str, category: str, data: Path, work: Path) -> list[dict]:
     cfg.name = f"gen_{config}_{category}"
     cfg.output.html = False
     (split,) = load_splits(cfg.dataset)
-    with patched_references(PROTOTYPES.get(config)):
-        model, fit_timing = build_model(cfg, split)
+    model, fit_timing = build_model(cfg, split)
     det = model.detector
     base = {"category": category, "n_train": len(split.train), "n_test": len(split.test),
             "n_defective_test": int(sum(s.label for s in split.test)), "fit_s": fit_timing["fit_s"],
@@ -494,8 +470,7 @@ def fit_times(configs: list[str], repeats: int, data: Path) -> list[dict]:
             cfg = load_config(ROOT / BASE_CONFIG, overrides)
             (split,) = load_splits(cfg.dataset)
             cpu0 = time.process_time()
-            with patched_references(PROTOTYPES.get(config)):
-                _, timing = build_model(cfg, split)
+            _, timing = build_model(cfg, split)
             # CPU seconds of this process (torch on one thread): far less sensitive to the other jobs than wall-clock
             out.append({"config": config, "repeat": rep, "fit_s": timing["fit_s"], "fit_cpu_s": time.process_time() - cpu0,
                         "coreset_s": timing["fit_detail"].get("coreset_s"), "embed_s": timing["fit_detail"].get("embed_s")})

@@ -69,7 +69,7 @@ _CNN: dict[str, Rule] = {
 }
 SUPPORTED: dict[str, dict[str, Rule]] = {
     # reweight_neighbors 1 is the plain max (patchcore.py); b > 1 is paper eq. 7, not in the graph
-    "patchcore": {**_CNN, "reweight_neighbors": (None, 1)},
+    "patchcore": {**_CNN, "reweight_neighbors": (None, 1), "rotations": ANY},  # rotations: fit-time copies only
     "softpatch": {**_CNN, "noise_discriminator": ANY, "threshold": ANY, "lof_k": ANY, "noise_projection_dim": ANY,
                   "soft_weight": (True, False)},
     # CNN stand-in only (build_graph checks the embedder: torchvision:<name>)

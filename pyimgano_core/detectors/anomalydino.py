@@ -23,7 +23,7 @@ Example
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -34,10 +34,9 @@ from .base import register_detector
 from ..errors import ConfigError
 from .patchknn import Aggregation, PatchKNNDetector, PatchKNNParams, upsample
 from .patchknn.coreset import CoresetParams, ExactCoreset
+from .patchknn.rotations import ANOMALYDINO_ANGLES as ROTATION_ANGLES, RotatedImages
 from .patchknn.scorer import PlainScorer
-from ..data.io import read_image
 
-ROTATION_ANGLES = (0, 45, 90, 135, 180, 225, 270, 315)  # the reference code's augmentation
 
 # The reference's masking per category (src/utils.py get_dataset_info, preprocess "agnostic" /
 # "informed", chosen by the paper's masking test, Fig. 2): MVTec AD masks capsule, hazelnut,
@@ -155,30 +154,6 @@ def foreground_mask(tokens: np.ndarray, threshold: float = DINOV2_MASK_THRESHOLD
     return m.reshape(h, w).astype(bool)
 
 
-def rotate(image: np.ndarray, angle: float) -> np.ndarray:
-    """Rotate about the image centre, same size, reflected border (the reference augmentation)."""
-    h, w = image.shape[:2]
-    rot = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
-    return cv2.warpAffine(image, rot, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-
-
-class RotatedImages(Sequence):
-    """Each image under every angle, decoded and rotated lazily (8x the images would not fit in memory)."""
-
-    def __init__(self, images: list, angles: Sequence[float] = ROTATION_ANGLES):
-        self.images, self.angles = images, tuple(angles)
-
-    def __len__(self) -> int:
-        return len(self.images) * len(self.angles)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        item = self.images[i // len(self.angles)]
-        image = read_image(item) if not isinstance(item, np.ndarray) else item
-        return rotate(image, self.angles[i % len(self.angles)])
-
-
 class FoundationPatchKNN(PatchKNNDetector):
     """Memory of L2-normalised patch tokens; cosine distance to the nearest one; top-1% mean."""
 
@@ -216,7 +191,7 @@ class FoundationPatchKNN(PatchKNNDetector):
             flat = flat[self._batch_fg.ravel()] if p.mask_reference and self._batch_fg is not None else flat
             return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
 
-        return (RotatedImages(images) if p.rotation else images), rows
+        return (RotatedImages(images, ROTATION_ANGLES) if p.rotation else images), rows
 
     def _maps(self, patch: np.ndarray, batch) -> list[np.ndarray]:
         if self.params_.blur_at == "input":

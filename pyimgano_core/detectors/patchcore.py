@@ -24,6 +24,7 @@ from ..features.backbones import FeatureExtractor
 from ..features.patch_embed import ConcatPatchEmbedder, LocalPatchEmbedder
 from .base import MAX_SIDE, register_detector
 from .patchknn import PatchKNNDetector, PatchKNNParams
+from .patchknn.rotations import RotatedImages
 
 
 class CNNPatchParams(PatchKNNParams):
@@ -124,6 +125,24 @@ class PatchCoreParams(CNNPatchParams):
     reweight_neighbors: int | None = Field(
         None, ge=1, description="paper eq. 7 image-score reweighting with b neighbours (None or 1: plain max, as the reference code)"
     )
+    rotations: list[float] | None = Field(
+        None, description="memory-bank augmentation: every training image also fitted rotated by these angles in degrees "
+        "(0 = as it is; reflected border), for parts that come in any orientation; None: no copies")
+
+    @field_validator("rotations")
+    @classmethod
+    def _rotation_set(cls, v):
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("an empty rotation set fits no image: omit rotations, or list the angles, e.g. [0, 90, 180, 270]")
+        if any(not 0 <= a < 360 for a in v):
+            raise ValueError(f"angles are degrees in [0, 360); got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"an angle is listed twice: {v}")
+        if 0 not in v:
+            raise ValueError(f"include 0 (the training images as they are); got {v}")
+        return v
 
     @model_validator(mode="after")
     def _reweight_needs_max(self):
@@ -153,11 +172,17 @@ class PatchCore(PatchKNNDetector):
     def _make_embedder(self):
         return make_cnn_embedder(self.params_)
 
+    def _references(self, images: list):
+        angles = self.params_.rotations
+        return (RotatedImages(images, angles) if angles else images), None
+
     def protocol(self) -> dict[str, str]:
         out = super().protocol()
         b = self.params_.reweight_neighbors
         if b not in (None, 1):
             out["image_score"] = f"paper eq. 7: max patch score reweighted by its nearest memory entry's {b} neighbours"
+        if self.params_.rotations:
+            out["bank_augmentation"] = f"every training image also rotated by {self.params_.rotations} degrees"
         return out
 
     def _image_scores(self, patch: np.ndarray, dists, idx, feats, maps) -> np.ndarray:
