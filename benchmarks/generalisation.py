@@ -423,12 +423,17 @@ def _score(cfg, split, model, out_dir: Path, grid_mask: np.ndarray | None) -> tu
     return report, image, predict_s
 
 
-def run_cell(config: str, category: str, data: Path, work: Path) -> list[dict]:
-    """Fit one config on one category; returns its rows (plain, and foreground-masked for the default)."""
+def cell_config(config: str, category: str, data: Path):
+    """(the README config with ``config``'s overrides on ``category``, the detector overrides applied)."""
     params = {"aggregation": "topk_mean", "topk_ratio": 0.01, **CONFIGS[config]}
     overrides = dataset_overrides(category, data) + [
         f"detector.params.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in params.items()]
-    cfg = load_config(ROOT / BASE_CONFIG, overrides)
+    return load_config(ROOT / BASE_CONFIG, overrides), params
+
+
+def run_cell(config: str, category: str, data: Path, work: Path) -> list[dict]:
+    """Fit one config on one category; returns its rows (plain, and foreground-masked for the default)."""
+    cfg, params = cell_config(config, category, data)
     cfg.name = f"gen_{config}_{category}"
     cfg.output.html = False
     (split,) = load_splits(cfg.dataset)
@@ -464,10 +469,7 @@ def fit_times(configs: list[str], repeats: int, data: Path) -> list[dict]:
     out = []
     for rep in range(repeats):
         for config in configs:
-            params = {"aggregation": "topk_mean", "topk_ratio": 0.01, **CONFIGS[config]}
-            overrides = dataset_overrides("bottle", data) + [
-                f"detector.params.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in params.items()]
-            cfg = load_config(ROOT / BASE_CONFIG, overrides)
+            cfg, _ = cell_config(config, "bottle", data)
             (split,) = load_splits(cfg.dataset)
             cpu0 = time.process_time()
             _, timing = build_model(cfg, split)

@@ -64,3 +64,13 @@ def small_mvtec_tree(tmp_path_factory) -> Path:
     from tests.synth import make_mvtec_tree
 
     return make_mvtec_tree(tmp_path_factory.mktemp("data"), n_train=6, n_test_good=2)
+
+
+def assert_one_line(res, code: int, *needles: str) -> str:
+    """A CLI result that is one line (no traceback) with exit ``code`` and every needle; returns the line."""
+    text = res.output.strip()
+    assert res.exit_code == code, text
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    for n in needles:
+        assert n in text, text
+    return text

@@ -6,7 +6,7 @@ import pytest
 
 from pyimgano_core.detectors import create_detector
 from pyimgano_core.detectors.patchknn.rotations import rotate
-from tests.helpers import TINY_CNN, run_cli as run, small_mvtec_tree, write_config
+from tests.helpers import TINY_CNN, assert_one_line, run_cli as run, small_mvtec_tree, write_config
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,7 @@ def tree(tmp_path_factory):
 ])
 def test_a_rotation_set_that_makes_no_sense_is_one_line_naming_the_field(tree, tmp_path, value, needles):
     cfg = write_config(tmp_path / "c.yaml", tree)
-    res = run("validate", cfg, "--set", f"detector.params.rotations={value}")
-    text = res.output.strip()
-    assert res.exit_code == 2 and "Traceback" not in text and len(text.splitlines()) == 1, text
-    for n in needles:
-        assert n in text, text
+    assert_one_line(run("validate", cfg, "--set", f"detector.params.rotations={value}"), 2, *needles)
 
 
 def test_valid_rotations_validate(tree, tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pyimgano_core.outputs.files import folder_lock
-from tests.helpers import run_cli as run, small_mvtec_tree, write_config
+from tests.helpers import assert_one_line as _one_line, run_cli as run, small_mvtec_tree, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,15 +35,6 @@ def fitted(tree, tmp_path_factory) -> tuple[Path, Path]:
     res = run("fit", cfg, "--out", work, "-q")
     assert res.exit_code == 0, res.output
     return cfg, work / "t/widget/model"
-
-
-def _one_line(res, code: int, *needles: str) -> str:
-    text = res.output.strip()
-    assert res.exit_code == code, text
-    assert "Traceback" not in text and len(text.splitlines()) == 1, text
-    for n in needles:
-        assert n in text, text
-    return text
 
 
 def _umask() -> int:

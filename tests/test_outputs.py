@@ -14,7 +14,7 @@ import pytest
 
 from pyimgano_core.outputs.files import folder_lock, temp_path
 from pyimgano_core.outputs.files import write_json, write_jsonl
-from tests.helpers import run_cli as run, small_mvtec_tree, write_config
+from tests.helpers import assert_one_line as _one_line, run_cli as run, small_mvtec_tree, write_config
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
@@ -59,13 +59,6 @@ def test_second_writer_into_one_folder_is_refused_in_one_line(model, tree, tmp_p
     assert res.exit_code == 0, res.output  # the lock is released with its holder
     assert temp_path(out / "predictions.jsonl") != temp_path(out / "predictions.jsonl")
     assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
-
-
-def _one_line(res, code, *needles):
-    assert res.exit_code == code, res.output
-    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output, res.output
-    for n in needles:
-        assert n in res.output, res.output
 
 
 def test_unusable_output_locations_fail_before_any_work(tree, tmp_path):
